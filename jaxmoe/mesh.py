@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "stage", "expert", "sequence", "tensor")
@@ -80,12 +81,74 @@ def logical_to_spec(axes, rules: dict) -> P:
     return P(*out)
 
 
+def manual_axes() -> frozenset:
+    """Mesh axes made manual by an enclosing shard_map (the train step's data/expert/stage region)."""
+    return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def strip_axes(spec: P, drop) -> P:
+    """`spec` without the mesh axes in `drop` (inside a shard_map those axes are already split)."""
+    out = []
+    for part in spec:
+        ms = (part,) if isinstance(part, str) else tuple(part or ())
+        ms = tuple(m for m in ms if m not in drop)
+        out.append(None if not ms else ms[0] if len(ms) == 1 else ms)
+    return P(*out)
+
+
 def constrain(x, axes):
-    """Sharding constraint by logical axis names; identity without an active sharding context."""
+    """Sharding constraint by logical axis names; identity without an active sharding context. Inside a
+    partly manual shard_map the manual axes are dropped (each device already holds its own slice)."""
     ctx = _CTX.get()
     if ctx is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, logical_to_spec(axes, ctx.rules)))
+    spec = logical_to_spec(axes, ctx.rules)
+    manual = manual_axes()
+    if manual:
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(jax.sharding.get_abstract_mesh(), strip_axes(spec, manual)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def shard_map_rest(fn, mesh, in_specs, out_specs):
+    """jax.shard_map of `fn` over every mesh axis. Inside the train step's manual region (parallel/manual.py,
+    which is used only when every axis it leaves automatic has size 1) the arrays already are the per-device
+    blocks and the collectives' axes are bound, so `fn` runs as it is."""
+    manual = manual_axes()
+    if not manual:
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    rest = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
+    if rest:
+        # jax 0.10 cannot differentiate a scan over a nested shard_map here (see parallel/manual.py)
+        raise NotImplementedError(f"a shard_map over {rest} nested in the manual axes {sorted(manual)}")
+    return fn
+
+
+def varying_axes(x) -> frozenset:
+    """Manual axes over which x differs between devices (shard_map's varying-manual-axes type)."""
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def zeros_typed(like, dtype=None):
+    """Zeros with the shape and varying-manual-axes type of `like` (an array or a jax.eval_shape result), e.g.
+    for scan carries inside shard_map."""
+    mat = getattr(like, "manual_axis_type", None)
+    varying = tuple(sorted(mat.varying)) if mat is not None else tuple(sorted(varying_axes(like)))
+    z = jnp.zeros(like.shape, dtype or like.dtype)
+    return jax.lax.pcast(z, varying, to="varying") if varying else z
+
+
+def psum_manual(x, axes):
+    """Sum over those of `axes` that are manual here and that x varies over (a no-op outside shard_map;
+    GSPMD sums over the automatic axes by itself)."""
+    manual = manual_axes()
+    if not manual:
+        return x
+
+    def one(v):
+        red = tuple(a for a in axes if a in manual and a in varying_axes(v))
+        return jax.lax.psum(v, red) if red else v
+    return jax.tree.map(one, x)
 
 
 # ---- --mesh parsing ------------------------------------------------------------------------------------

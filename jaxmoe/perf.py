@@ -415,8 +415,7 @@ class TrainStep:
                               aux_coeff=t.moe_aux_loss_coeff)
         self.fn = make_train_step(c, self.opts, self.lo, self.optimizer, lr_schedule(t, train_iters),
                                   self.num_micro, t.clip_grad, t.moe_router_bias_update_rate,
-                                  dispatch=self.par.dispatch, grad_transform=self.par.grad_transform,
-                                  compute_params=self.par.compute_params)
+                                  **self.par.step_hooks())
         self.jitted = jax.jit(self.fn, donate_argnums=0)
 
     @property

@@ -35,8 +35,7 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
         mstate = jax.device_put(init_state(c), par.replicated)
         ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
         step = jax.jit(make_train_step(c, opts, lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2,
-                                       dispatch=par.dispatch, grad_transform=par.grad_transform,
-                                       compute_params=par.compute_params))
+                                       **par.step_hooks()))
         batch = par.put_batch(rows if rows is not None else batch_rows())
         if compiled:
             return step.lower(ts, batch).compile(), par

@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.lora import expert_adapters, lora_eh, mlp_view
-from jaxmoe.mesh import constrain
+from jaxmoe.mesh import constrain, psum_manual
 from jaxmoe.model.layers import attention_block, ops_for, rms_norm, rope_tables, swiglu
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.experts import routed_experts
@@ -24,8 +24,12 @@ ACT = ("batch", "length", "embed")
 
 
 def local_moe_dispatch(x, idx, w, wi, wo, opts: ModelOptions, lora=None):
-    """Routed experts for tokens x [N, H] on this device (the reference; EP swaps in moe/ep.py)."""
-    return routed_experts(x, idx, w, wi, wo, ops_for(opts).gmm, opts.dtype, lora)
+    """Routed experts for tokens x [B, T, H] (idx, w [B, T, k]) on this device (the reference; EP swaps in
+    moe/ep.py)."""
+    H, k = x.shape[-1], idx.shape[-1]
+    y = routed_experts(x.reshape(-1, H), idx.reshape(-1, k), w.reshape(-1, k), wi, wo, ops_for(opts).gmm,
+                       opts.dtype, lora)
+    return y.reshape(x.shape)
 
 
 def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Callable | None = None):
@@ -35,11 +39,15 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
     idx, w, scores = route(xf, p["router"], bias, c)
     dispatch = dispatch or local_moe_dispatch
     ex = expert_adapters(p)  # routed-expert LoRA rides with the expert weights (sharded on `exp`)
-    y = dispatch(xf, idx, w, p["experts_wi"], p["experts_wo"], opts, **({"lora": ex} if ex else {}))
-    y = checkpoint_name(y, "moe_out").reshape(B, T, H)
+    k = idx.shape[-1]
+    y = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
+                 **({"lora": ex} if ex else {}))
+    y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
         y = y + swiglu(x, p["shared_wi"], p["shared_wo"], opts.dtype, mlp_view(p, "shared"))
     counts, probs_sum, ntok = load_balancing_terms(scores, idx, valid.reshape(-1), c.n_routed_experts)
+    # over the whole micro-batch: data/expert may be manual axes in the train step (parallel/manual.py)
+    counts, probs_sum, ntok = psum_manual((counts, probs_sum, ntok), ("data", "expert"))
     aux = aux_loss(counts, probs_sum, ntok, c.n_routed_experts, c.num_experts_per_tok)
     return y, {"counts": counts, "aux_loss": aux}
 

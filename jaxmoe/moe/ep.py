@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxmoe.mesh import shard_map_rest
 from jaxmoe.moe.experts import expert_ffn
 
-TOKEN_AXES = ("data", "expert", "sequence", "tensor")
 
 
 def _keep_mask(flat_e, flat_w, num_experts: int, capacity: int, policy: str):
@@ -39,6 +39,8 @@ def _keep_mask(flat_e, flat_w, num_experts: int, capacity: int, policy: str):
 
 def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacity_factor, drop_policy: str,
                     token_axes=()):
+    shape = x.shape  # [b, t, H] this device's tokens
+    x, idx, w = x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])
     n, k = idx.shape
     if lora is not None and "_key" in lora:  # each device draws its own LoRA-dropout mask
         key = lora["_key"]
@@ -96,7 +98,7 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacit
     out_sorted = jnp.where(valid[:, None], out_sorted, 0)
     copies = jnp.zeros((n * k, H), out_sorted.dtype).at[order].set(out_sorted)
     y = copies.reshape(n, k, H).astype(jnp.float32)
-    return jnp.einsum("nkh,nk->nh", y, w).astype(dt)
+    return jnp.einsum("nkh,nk->nh", y, w).astype(dt).reshape(shape)
 
 
 def _recv_counts(send_counts):
@@ -119,7 +121,7 @@ def _ragged_exchange(operand, send_counts, cap):
 
 def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | None = None,
                      drop_policy: str = "probs"):
-    """A `dispatch(x, idx, w, wi, wo, opts)` for moe_mlp that runs the experts expert-parallel over `mesh`."""
+    """A `dispatch(x [B, T, H], idx, w [B, T, k], wi, wo, opts)` for moe_mlp that runs the experts expert-parallel over `mesh`."""
     if transport == "auto":
         transport = "ragged" if jax.default_backend() == "gpu" else "all_to_all"
     if transport not in ("all_to_all", "ragged"):
@@ -127,8 +129,12 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     if transport == "ragged" and jax.default_backend() == "cpu":
         raise ValueError("--moe_transport ragged needs a GPU (XLA:CPU cannot compile ragged_all_to_all); "
                          "use all_to_all")
-    axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1) or ("expert",)
-    tok = P(axes)
+    # tokens [B, T, ...]: rows over data/expert, positions over sequence/tensor (a dim never mixes axes that
+    # are manual in the train step with ones that are not). Tokens always vary over expert.
+    rows = tuple(a for a in ("data", "expert") if mesh.shape[a] > 1 or a == "expert")
+    cols = tuple(a for a in ("sequence", "tensor") if mesh.shape[a] > 1)
+    axes = rows + cols
+    tok = P(rows, cols or None)
     wspec = P("expert")
 
     def dispatch(x, idx, w, wi, wo, opts, lora=None):
@@ -139,7 +145,6 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
                      drop_policy=drop_policy, token_axes=axes)
         lspec = None if lora is None else {k: (P() if k.startswith("_") else jax.tree.map(lambda _: wspec, v))
                                            for k, v in lora.items()}
-        return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, lspec), out_specs=tok,
-                             check_vma=False)(x, idx, w, wi, wo, lora)
+        return shard_map_rest(fn, mesh, (tok, tok, tok, wspec, wspec, lspec), tok)(x, idx, w, wi, wo, lora)
 
     return dispatch

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.mesh import logical_to_spec
+from jaxmoe.mesh import logical_to_spec, shard_map_rest
 
 SHIFTED_KEYS = ("labels", "loss_mask")  # the fields MTP shifts (transformer.mtp_forward, train/loss.py)
 
@@ -105,5 +105,5 @@ def context_attention(attention: Callable, q, k, v, segment_ids, token_index, me
         return attention(q, gather(k), gather(v), q_segment_ids=seg, kv_segment_ids=gather(seg), q_index=idx,
                          kv_index=gather(idx), causal=True)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, tok_spec, tok_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, token_index)
+    return shard_map_rest(local, mesh, (q_spec, kv_spec, kv_spec, tok_spec, tok_spec), q_spec)(
+        q, k, v, segment_ids, token_index)

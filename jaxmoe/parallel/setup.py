@@ -74,6 +74,12 @@ class Parallel:
     mtp_depths: int = 0  # MTP label shifts precomputed on the host under context parallelism
 
     @property
+    def manual(self) -> tuple[str, ...]:
+        """Replica axes the train step runs manually (gradients reduced once per step; parallel/manual.py)."""
+        from jaxmoe.parallel.manual import manual_axes_for
+        return manual_axes_for(self.mesh)
+
+    @property
     def data_parallel_size(self) -> int:
         return self.spec.data * self.spec.expert
 
@@ -143,6 +149,11 @@ class Parallel:
         """Master params -> compute-dtype params in the TP/EP layout (cast first: half the all-gather bytes)."""
         return jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(p.astype(dtype), s), params,
                             self.param_shardings)
+
+    def step_hooks(self) -> dict:
+        """Keyword arguments of train.step.make_train_step for this layout (full training)."""
+        return dict(dispatch=self.dispatch, grad_transform=self.grad_transform, compute_params=self.compute_params,
+                    par=self)
 
     def context(self):
         return sharding_context(self.mesh, self.rules)

@@ -171,14 +171,15 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
                 train.set_state(data_state)
             log(f"> resumed from {resume_dir} at iteration {iteration}")
 
-    hooks = dict(grad_transform=par.grad_transform, compute_params=par.compute_params)
+    hooks = par.step_hooks()
     combine_eval = None
     if ptrain is not None:
         cp, gt, combine, combine_eval = ptrain.make_hooks(par)
-        hooks = dict(compute_params=cp, grad_transform=gt, combine=combine)
+        hooks.update(compute_params=cp, grad_transform=gt, combine=combine,
+                     param_shardings=ptrain.compute_shardings(par), frozen_shardings=par.param_shardings)
     bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
     step_fn = jax.jit(make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate,
-                                      dispatch=par.dispatch, **hooks), donate_argnums=0)
+                                      **hooks), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval))
     put = par.put_batch
 

@@ -8,8 +8,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.mesh import zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
 from jaxmoe.train.loss import LossOptions, micro_loss
@@ -35,43 +37,72 @@ def split_micro(batch: dict, num_micro: int) -> dict:
 def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimizer: optax.GradientTransformation,
                     schedule: Callable, num_micro: int, clip_grad: float, bias_rate: float,
                     dispatch=None, grad_transform: Callable | None = None,
-                    compute_params: Callable | None = None, combine: Callable | None = None):
+                    compute_params: Callable | None = None, combine: Callable | None = None,
+                    par=None, param_shardings=None, frozen_shardings=None):
     """Returns step(train_state, batch, frozen=None) -> (train_state, metrics). `compute_params(master, dtype)`
-    gives the compute copy of the weights (cast + gathered once per step); `grad_transform` constrains accumulated
-    gradients (reduce-scatter into the sharded-optimizer layout). With `combine(trainable, frozen, iteration,
+    gives the compute copy of the weights (cast + gathered once per step); `grad_transform` constrains the
+    step's gradients to the sharded-optimizer layout. With `combine(trainable, frozen, iteration,
     micro_index)` (LoRA, frozen parameters) the train state holds only the trainable part and the model runs on
-    combine's output; `frozen` gets no gradient, no optimizer state and is not part of the state."""
+    combine's output; `frozen` gets no gradient, no optimizer state and is not part of the state.
 
-    def step(ts, batch, frozen=None):
-        master, mstate = ts["params"], ts["model_state"]
-        params = compute_params(master, opts.dtype) if compute_params else master
-        mbs = split_micro(batch, num_micro)
-        n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    With `par` (a parallel.setup.Parallel whose mesh has data/expert/stage replicas) the micro-batch loop runs
+    per replica and gradients are reduced once per step (parallel/manual.py); `param_shardings` /
+    `frozen_shardings` are the compute layouts of the trainable and frozen trees (default: par's)."""
+    manual = par.manual if par is not None else ()
+    replicas = 1
+    for a in ("data", "expert"):
+        replicas *= par.mesh.shape[a] if a in manual else 1
 
-        iteration = ts["updates"] + ts["skipped_iters"]
+    def objective(p, mstate, mb, frozen, iteration, i, n_tok):
+        if combine is not None:
+            p = combine(p, frozen, iteration, i)
+        obj, stats = micro_loss(p, mstate, mb, c, lo, opts, dispatch)
+        # the aux loss is identical on every token replica; each holds its share of the global objective
+        return obj / n_tok + lo.aux_coeff * stats["aux_loss"] / (num_micro * replicas), stats
 
-        def objective(p, mb, i):
-            if combine is not None:
-                p = combine(p, frozen, iteration, i)
-            obj, stats = micro_loss(p, mstate, mb, c, lo, opts, dispatch)
-            return obj / n_tok + lo.aux_coeff * stats["aux_loss"] / num_micro, stats
+    def accumulate(params, mstate, mbs, frozen, scalars):
+        """Sum of the micro-batch gradients (fp32) and statistics, one micro-batch at a time."""
+        iteration, n_tok = scalars
 
         def body(carry, xs):
             g_acc, s_acc = carry
             mb, i = xs
-            (_, stats), g = jax.value_and_grad(objective, has_aux=True)(params, mb, i)
-            if grad_transform is not None:
+            (_, stats), g = jax.value_and_grad(objective, has_aux=True)(params, mstate, mb, frozen, iteration, i,
+                                                                        n_tok)
+            if grad_transform is not None and not manual:
                 g = grad_transform(g)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             s_acc = jax.tree.map(lambda a, b: a + b, s_acc, stats)
             return (g_acc, s_acc), None
 
-        zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), master)
-        if grad_transform is not None:
+        zeros_g = jax.tree.map(lambda p: zeros_typed(p, jnp.float32), params)
+        if grad_transform is not None and not manual:
             zeros_g = grad_transform(zeros_g)
-        stat_shapes = jax.eval_shape(lambda: objective(params, jax.tree.map(lambda x: x[0], mbs), 0)[1])
-        zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stat_shapes)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        stat_shapes = jax.eval_shape(lambda: objective(params, mstate, first, frozen, iteration, 0, n_tok)[1])
+        zeros_s = jax.tree.map(zeros_typed, stat_shapes)
         (grads, stats), _ = jax.lax.scan(body, (zeros_g, zeros_s), (mbs, jnp.arange(num_micro)))
+        return grads, stats
+
+    def step(ts, batch, frozen=None):
+        master, mstate = ts["params"], ts["model_state"]
+        params = compute_params(master, opts.dtype) if compute_params else master
+        n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        iteration = ts["updates"] + ts["skipped_iters"]
+
+        if manual:
+            from jaxmoe.parallel.manual import local_micro, manual_grads, to_replica_order
+            spec = lambda t: jax.tree.map(lambda s: s.spec, t)
+            grads, stats = manual_grads(
+                lambda p, st, b, fr, sc: accumulate(p, st, local_micro(b, num_micro), fr, sc),
+                par.mesh, manual, params, spec(param_shardings or par.param_shardings), mstate,
+                jax.tree.map(lambda _: P(), mstate), to_replica_order(batch, num_micro), par.batch_sharding().spec,
+                frozen, None if frozen is None else spec(frozen_shardings or par.param_shardings),
+                (iteration, n_tok))
+            if grad_transform is not None:
+                grads = grad_transform(grads)
+        else:
+            grads, stats = accumulate(params, mstate, split_micro(batch, num_micro), frozen, (iteration, n_tok))
 
         grads, gnorm = clip_by_global_norm(grads, clip_grad)
         lm_loss = stats["nll_sum"] / n_tok

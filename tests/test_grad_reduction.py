@@ -1,0 +1,28 @@
+"""Gradients are reduced once per step on data/expert replica meshes (parallel/manual.py): the bytes the
+compiled step moves in reductions do not grow with the number of micro-batches, and equal one reduce-scatter
+of the fp32 gradients into the sharded-optimizer layout."""
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe import perf
+from tests.parallel_utils import batch_rows, run_steps
+
+
+def _reduction_bytes(mesh, n, global_batch):
+    comp, par = run_steps(mesh, n, global_batch // n, compiled=True, global_batch_size=global_batch,
+                          rows=batch_rows(G=global_batch))
+    r = perf.collective_bytes(comp.as_text())
+    return r["all-reduce"]["payload_bytes"] + r["reduce-scatter"]["payload_bytes"], par
+
+
+@pytest.mark.parametrize("mesh,n", [("dp=2", 2), ("ep=2", 2)])
+def test_gradient_reduced_once_per_step(mesh, n):
+    few, par = _reduction_bytes(mesh, n, 4)  # 2 micro-batches per replica
+    many, _ = _reduction_bytes(mesh, n, 16)  # 8 micro-batches per replica
+    assert par.manual == ("data", "stage", "expert")
+    grads = sum(int(np.prod(s.shape)) * 4 for s in jax.tree.leaves(par.param_shapes))  # fp32 gradients
+    print(f"{mesh}: reduction payload {few / grads:.3f}x (2 micro) / {many / grads:.3f}x (8 micro) of fp32 grads")
+    # per micro-batch only the MoE routing counts and statistics are summed (a few hundred bytes each)
+    assert many - few < 0.02 * grads, (few, many, grads)
+    assert few < 1.1 * grads, (few, grads)  # one reduction of the gradients (XLA:CPU: all-reduce + slice)
