@@ -293,8 +293,8 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
                     summed over that axis, once per step (summing commutes with micro-batch accumulation, as
                     in Megatron's DDP): payload = the weight's compute-layout shard. The embedding is left out:
                     its gradient can be scattered from the gathered token cotangents instead (XLA does);
-      grad_reduce_per_micro: the same sum per micro-batch incl. the embedding, what the step literally asks
-                    for (grad_transform constrains each micro-batch's gradient) and the upper end;
+      grad_reduce_per_micro: the same sum per micro-batch incl. the embedding: the upper end, what the GSPMD
+                    path does (tp / cp meshes; data/expert-only meshes reduce once, parallel/manual.py);
       param_gather: ZeRO-1 keeps master weights split over data: their compute copies are gathered once a step;
       tensor:       Megatron TP, 2 all-reduces of the [tokens, hidden] activations per block forward and 2 in
                     backward (attention out, MLP out), per layer incl. MTP;

@@ -1,13 +1,13 @@
 """Gradients reduced once per step: the micro-batch loop runs inside a shard_map that is manual over the
-replica axes (`data`, `expert`, and `stage` for the pipeline); `tensor` and `sequence` stay automatic (GSPMD
-does Megatron's TP/SP inside).
+replica axes (`data`, `expert`; `stage` too, size 1 until the pipeline exists). Used when tensor = sequence
+= 1 (see manual_axes_for); other meshes take the GSPMD path of train/step.py.
 
 Under plain GSPMD the accumulated gradient has the parameters' (data-replicated) layout, so XLA reduces
 every micro-batch's gradient across data ranks inside the accumulation loop. Here each device differentiates
 its own local objective with respect to parameters cast to *varying* (jax.lax.pcast), so no collective is
 inserted for them; it accumulates its partial gradient locally over the micro-batches and reduces once at the
 end: a reduce-scatter over `data` straight into the sharded-optimizer (ZeRO-1) layout, and a sum over the other
-replica axes a parameter is not split on (`expert` for dense weights, `stage` for embedding / head). Megatron's
+replica axes a parameter is not split on (`expert` for dense weights). Megatron's
 distributed optimizer does the same (one reduce-scatter per step, after the last micro-batch).
 
 The objective of each device is its share of the global one (the sum over devices is the step's loss), so
@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.mesh import strip_axes, varying_axes
@@ -112,6 +111,7 @@ def manual_grads(local_fn: Callable, mesh, manual, params, param_specs, state, s
 
     def body(p, st, b, fr, sc):
         p = jax.tree.map(lambda x: _varying(x, manual), p)  # differentiate without implicit reductions
+        b = jax.tree.map(lambda x: _varying(x, manual), b)  # activations vary over every manual axis (scan carries)
         g, stats = local_fn(p, st, b, fr, sc)
 
         def red(x, plan):

@@ -67,6 +67,8 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         def body(carry, xs):
             g_acc, s_acc = carry
             mb, i = xs
+            if manual and combine is not None:  # own LoRA-dropout masks per replica (its rows differ)
+                i = i + num_micro * jax.lax.axis_index(("data", "expert"))
             (_, stats), g = jax.value_and_grad(objective, has_aux=True)(params, mstate, mb, frozen, iteration, i,
                                                                         n_tok)
             if grad_transform is not None and not manual:
