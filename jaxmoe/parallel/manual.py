@@ -41,19 +41,16 @@ def manual_axes_for(mesh) -> tuple[str, ...]:
     return REPLICA_AXES
 
 
-def restrict(spec: P, keep) -> P:
-    """Only the mesh axes in `keep` (the manual part of a sharding)."""
-    names = set()
-    for part in spec:
-        names.update((part,) if isinstance(part, str) else tuple(part or ()))
-    return strip_axes(spec, names - set(keep))
-
-
 def _axes_of(spec: P) -> set:
     out = set()
     for part in spec:
         out.update((part,) if isinstance(part, str) else tuple(part or ()))
     return out
+
+
+def restrict(spec: P, keep) -> P:
+    """Only the mesh axes in `keep` (the manual part of a sharding)."""
+    return strip_axes(spec, _axes_of(spec) - set(keep))
 
 
 def grad_plan(spec: P, shape, mesh, manual):

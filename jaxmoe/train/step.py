@@ -48,9 +48,10 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     With `par` (a parallel.setup.Parallel whose mesh has data/expert/stage replicas) the micro-batch loop runs
     per replica and gradients are reduced once per step (parallel/manual.py); `param_shardings` /
     `frozen_shardings` are the compute layouts of the trainable and frozen trees (default: par's)."""
+    from jaxmoe.parallel.manual import TOKEN_REPLICAS
     manual = par.manual if par is not None else ()
     replicas = 1
-    for a in ("data", "expert"):
+    for a in TOKEN_REPLICAS:
         replicas *= par.mesh.shape[a] if a in manual else 1
 
     def objective(p, mstate, mb, frozen, iteration, i, n_tok):
@@ -68,7 +69,7 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
             g_acc, s_acc = carry
             mb, i = xs
             if manual and combine is not None:  # own LoRA-dropout masks per replica (its rows differ)
-                i = i + num_micro * jax.lax.axis_index(("data", "expert"))
+                i = i + num_micro * jax.lax.axis_index(TOKEN_REPLICAS)
             (_, stats), g = jax.value_and_grad(objective, has_aux=True)(params, mstate, mb, frozen, iteration, i,
                                                                         n_tok)
             if grad_transform is not None and not manual:
