@@ -14,6 +14,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
+from jaxmoe.parallel.manual import TOKEN_REPLICAS, local_micro, manual_grads, to_replica_order
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import clip_by_global_norm
 
@@ -48,11 +49,8 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     With `par` (a parallel.setup.Parallel whose mesh has data/expert/stage replicas) the micro-batch loop runs
     per replica and gradients are reduced once per step (parallel/manual.py); `param_shardings` /
     `frozen_shardings` are the compute layouts of the trainable and frozen trees (default: par's)."""
-    from jaxmoe.parallel.manual import TOKEN_REPLICAS
     manual = par.manual if par is not None else ()
-    replicas = 1
-    for a in TOKEN_REPLICAS:
-        replicas *= par.mesh.shape[a] if a in manual else 1
+    replicas = par.data_parallel_size if manual else 1  # token replicas: data x expert
 
     def objective(p, mstate, mb, frozen, iteration, i, n_tok):
         if combine is not None:
@@ -94,7 +92,6 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         iteration = ts["updates"] + ts["skipped_iters"]
 
         if manual:
-            from jaxmoe.parallel.manual import local_micro, manual_grads, to_replica_order
             spec = lambda t: jax.tree.map(lambda s: s.spec, t)
             grads, stats = manual_grads(
                 lambda p, st, b, fr, sc: accumulate(p, st, local_micro(b, num_micro), fr, sc),
