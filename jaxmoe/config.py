@@ -212,7 +212,7 @@ PRESETS: dict[str, ModelConfig] = {
     # (dense first layer, grouped router, shared expert, MTP). Vocab matches the bundled tokenizer.
     "tiny": ModelConfig(
         vocab_size=1024, hidden_size=64, intermediate_size=192, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
         use_qk_norm=True, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
         n_group=2, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1,
         num_nextn_predict_layers=1, max_position_embeddings=4096, rms_norm_eps=1e-5,

@@ -43,3 +43,7 @@ def packed_rows(max_length=64, n=None):
     # The rows with the most packed samples (first-fit-decreasing puts the long samples first).
     pick = np.sort(np.argsort(-rows["segment_ids"].max(axis=1), kind="stable")[:n])
     return {k: v[pick] for k, v in rows.items()}
+
+
+# MICRO deeper (1 dense + 5 MoE layers, uneven over 2 or 4 stages) with 4 kv heads (tp=4): pipeline tests.
+PIPE = dataclasses.replace(MICRO, num_hidden_layers=6, num_key_value_heads=4)

@@ -151,6 +151,12 @@ def forward(params, state, batch: dict, c: ModelConfig, opts: ModelOptions, with
     ctx = make_context(batch, c)
     h = embed_tokens(params, batch["input_ids"], opts)
     h, aux = decoder(params, state, h, ctx, c, opts, dispatch)
+    return finish_forward(params, state, h, aux, batch, ctx, c, opts, with_mtp, dispatch, mtp_layers)
+
+
+def finish_forward(params, state, h, aux: dict, batch: dict, ctx: dict, c: ModelConfig, opts: ModelOptions,
+                   with_mtp: bool = True, dispatch=None, mtp_layers: int | None = None):
+    """Final norm and MTP on the decoder output h (the pipeline runs this after its last stage)."""
     h = rms_norm(h, params["final_norm"], c.rms_norm_eps, opts)
     n_mtp = c.num_nextn_predict_layers if mtp_layers is None else min(mtp_layers, c.num_nextn_predict_layers)
     if with_mtp and n_mtp and "mtp" in params:

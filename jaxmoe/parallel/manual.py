@@ -35,8 +35,10 @@ def manual_axes_for(mesh) -> tuple[str, ...]:
     uses the GSPMD path (gradients then reduced per micro-batch: tensor / context parallel meshes). jax 0.10
     fails to differentiate a scan over a shard_map nested in manual axes (Shardy rejects the residual
     shardings, or the scan's partial evaluation loses the manual context), which the MoE dispatch and
-    context attention would need under tp / cp."""
-    if any(mesh.shape[a] > 1 for a in ("tensor", "sequence")) or all(mesh.shape[a] == 1 for a in REPLICA_AXES):
+    context attention would need under tp / cp. Pipeline meshes (pp > 1) run parallel/pipeline.py, which
+    reduces once per step by construction."""
+    if any(mesh.shape[a] > 1 for a in ("tensor", "sequence", "stage")) or \
+            all(mesh.shape[a] == 1 for a in REPLICA_AXES):
         return ()
     return REPLICA_AXES
 

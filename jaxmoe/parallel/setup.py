@@ -16,6 +16,7 @@ from jaxmoe.mesh import MeshError, MeshSpec, logical_rules, logical_to_spec, mak
 from jaxmoe.model.params import is_spec, param_specs
 from jaxmoe.moe.ep import make_ep_dispatch
 from jaxmoe.parallel.context import permute_batch
+from jaxmoe.parallel.pipeline import PipelineLayout, split_layers
 
 
 def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_batch: int, seq_len: int) -> None:
@@ -33,8 +34,6 @@ def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_bat
             raise MeshError(f"--mesh tp={tp}: {name} {size} is not divisible by tp")
     if (c.num_moe_layers or c.num_nextn_predict_layers) and c.n_routed_experts % ep:
         raise MeshError(f"--mesh ep={ep}: n_routed_experts {c.n_routed_experts} is not divisible by ep")
-    if pp > 1 and c.num_hidden_layers < pp:
-        raise MeshError(f"--mesh pp={pp}: the model has only {c.num_hidden_layers} layers, fewer than stages")
     dp_total = spec.data * ep
     if global_batch % (micro_batch * dp_total):
         raise MeshError(f"--global_batch_size {global_batch} must be a multiple of micro_batch_size x dp x ep = "
@@ -72,6 +71,8 @@ class Parallel:
     param_shapes: Any  # params-shaped tree of jax.ShapeDtypeStruct (fp32)
     dispatch: Callable | None = None
     mtp_depths: int = 0  # MTP label shifts precomputed on the host under context parallelism
+    pipeline: PipelineLayout | None = None  # pp > 1: MoE layers per stage (parallel/pipeline.py)
+    staged_shardings: Any = None  # pp > 1: compute layout of params["moe"] as [S, slots, ...]
 
     @property
     def manual(self) -> tuple[str, ...]:
@@ -146,9 +147,15 @@ class Parallel:
         return jax.tree.map(jax.lax.with_sharding_constraint, grads, self.master_shardings)
 
     def compute_params(self, params, dtype):
-        """Master params -> compute-dtype params in the TP/EP layout (cast first: half the all-gather bytes)."""
-        return jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(p.astype(dtype), s), params,
-                            self.param_shardings)
+        """Master params -> compute-dtype params in the TP/EP layout (cast first: half the all-gather bytes).
+        Under the pipeline params["moe"] comes out staged, [S, slots, ...] sharded over `stage`."""
+        rest = {k: v for k, v in params.items() if k != "moe" or self.pipeline is None}
+        out = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(p.astype(dtype), s), rest,
+                           {k: self.param_shardings[k] for k in rest})
+        if self.pipeline is not None:
+            out["moe"] = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(
+                self.pipeline.to_stages(p.astype(dtype)), s), params["moe"], self.staged_shardings)
+        return out
 
     def step_hooks(self) -> dict:
         """Keyword arguments of train.step.make_train_step for this layout (full training)."""
@@ -167,20 +174,35 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     devices = jax.devices() if devices is None else devices
     spec = parse_mesh(getattr(t, "mesh", ""), len(devices))
     validate_layout(spec, c, t.global_batch_size, t.micro_batch_size, t.max_length)
+    pipeline = None
     if spec.stage > 1:
-        raise MeshError(f"--mesh {spec.describe()}: pipeline (pp) parallelism is not available yet; use dp/tp/ep/cp")
+        pipeline = split_layers(c, spec.stage, getattr(t, "decoder_first_pipeline_num_layers", None),
+                                getattr(t, "decoder_last_pipeline_num_layers", None))
+        if getattr(t, "train_type", "full") != "full":
+            raise MeshError(f"--mesh {spec.describe()}: pipeline parallelism trains full weights only; use "
+                            "--train_type full, or a mesh without pp for LoRA")
+    elif getattr(t, "decoder_first_pipeline_num_layers", None) or getattr(t, "decoder_last_pipeline_num_layers",
+                                                                          None):
+        raise MeshError("--decoder_first/last_pipeline_num_layers need pipeline stages: add pp=N to --mesh")
     mesh = make_mesh(spec, devices)
     rules = logical_rules(sequence_parallel=getattr(t, "sequence_parallel", False))
     specs = param_specs(c)
     pspecs = jax.tree.map(lambda s: logical_to_spec(s.axes, rules), specs, is_leaf=is_spec)
     shapes = jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec)
     param_sh = jax.tree.map(lambda p: NamedSharding(mesh, p), pspecs, is_leaf=lambda x: isinstance(x, P))
-    master = jax.tree.map(lambda p, s: NamedSharding(mesh, zero_spec(p, s, spec.data)), pspecs, shapes,
-                          is_leaf=lambda x: isinstance(x, P))
+    # the sharded optimizer splits over data and, under the pipeline, over stages too (one reduction per step)
+    master = jax.tree.map(lambda p, s: NamedSharding(mesh, zero_spec(zero_spec(p, s, spec.stage, "stage"), s,
+                                                                     spec.data)),
+                          pspecs, shapes, is_leaf=lambda x: isinstance(x, P))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs, is_leaf=is_spec)
     dispatch = None
     if spec.size > 1 and (c.num_moe_layers or c.num_nextn_predict_layers):
         dispatch = make_ep_dispatch(mesh, getattr(t, "moe_transport", "auto"),
                                     getattr(t, "moe_expert_capacity_factor", None),
                                     getattr(t, "moe_token_drop_policy", "probs"))
-    return Parallel(spec, mesh, rules, param_sh, master, abstract, dispatch, mtp_depths=c.num_nextn_predict_layers)
+    staged = None
+    if pipeline is not None and "moe" in pspecs:
+        staged = jax.tree.map(lambda p: NamedSharding(mesh, P("stage", *p)), pspecs["moe"],
+                              is_leaf=lambda x: isinstance(x, P))
+    return Parallel(spec, mesh, rules, param_sh, master, abstract, dispatch, mtp_depths=c.num_nextn_predict_layers,
+                    pipeline=pipeline, staged_shardings=staged)

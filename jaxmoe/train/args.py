@@ -85,7 +85,13 @@ class TrainConfig:
     mtp_num_layers: int | None = _f(None, "Train the first N MTP layers (default: all the model has; 0 = off).")
     mtp_loss_scaling_factor: float = _f(0.1, "Weight of the MTP loss.")
     # ---- compute -----------------------------------------------------------------------------------------
-    mesh: str = _f("", "Parallel layout, e.g. tp=2,ep=2,pp=1 (dp = remaining devices).")
+    mesh: str = _f("", "Parallel layout, e.g. tp=4,ep=4,pp=2: dp data, tp tensor, ep expert, pp pipeline stages, "
+                       "cp context (dp = remaining devices; docs/parallelism.md).")
+    decoder_first_pipeline_num_layers: int | None = _f(
+        None, "With pp > 1: decoder layers on the first stage, dense layers included (Megatron flag); the middle "
+              "stages share the rest evenly. Default: the MoE layers spread as evenly as possible.")
+    decoder_last_pipeline_num_layers: int | None = _f(None, "With pp > 1: decoder layers on the last stage "
+                                                            "(Megatron flag).")
     sequence_parallel: bool = _f(False, "Shard activations between blocks over the tensor axis too (Megatron "
                                         "--sequence_parallel); needs --max_length divisible by tp.")
     moe_transport: str = _f("auto", "Expert-parallel token exchange: auto (ragged on GPU, all_to_all on CPU), "

@@ -180,7 +180,8 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
     step_fn = jax.jit(make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate,
                                       **hooks), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval))
+    eval_fn = jax.jit(make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval, par=par,
+                                     num_micro=num_micro))
     put = par.put_batch
 
     tb = t.tensorboard_dir or (os.path.join(t.save, "runs") if t.save else None)
@@ -201,6 +202,11 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
                     f"extras {ptrain.extra_paths or 'none'}")
     logger.info(f"> model: {n_params / 1e6:.2f}M params, mesh {par.describe()}, {train_iters} iterations, "
                 f"{num_micro} micro-batch(es) of {t.micro_batch_size} per data rank")
+    if par.pipeline is not None:
+        S = par.pipeline.stages
+        logger.info(f"> pipeline: {S} stages, MoE layers per stage {par.pipeline.describe()}, GPipe over "
+                    f"{num_micro + S - 1} iterations (bubble {(S - 1) / (num_micro + S - 1):.0%}"
+                    f"{'; use more micro-batches than stages' if num_micro < S else ''})")
 
     def save(it):
         if ckpt is None:

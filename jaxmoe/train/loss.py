@@ -41,6 +41,11 @@ def micro_loss(params, state, mb: dict, c: ModelConfig, lo: LossOptions, opts: M
     the caller divides by the global number of loss tokens and adds the aux loss."""
     h, aux = forward(params, state, mb, c, opts, with_mtp=lo.mtp_layers > 0, dispatch=dispatch,
                      mtp_layers=lo.mtp_layers)
+    return loss_terms(params, h, aux, mb, lo, opts)
+
+
+def loss_terms(params, h, aux: dict, mb: dict, lo: LossOptions, opts: ModelOptions):
+    """micro_loss from the model's outputs: h after the final norm and forward's aux (MTP hidden states)."""
     mask = mb["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(token_nll(params, h, mb["labels"], opts) * mask)
     stats = {"nll_sum": nll, "aux_loss": aux["aux_loss"]}

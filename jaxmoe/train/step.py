@@ -15,6 +15,7 @@ from jaxmoe.mesh import zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
 from jaxmoe.parallel.manual import TOKEN_REPLICAS, local_micro, manual_grads, to_replica_order
+from jaxmoe.parallel.pipeline import pipeline_loss
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import clip_by_global_norm
 
@@ -50,6 +51,9 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     per replica and gradients are reduced once per step (parallel/manual.py); `param_shardings` /
     `frozen_shardings` are the compute layouts of the trainable and frozen trees (default: par's)."""
     manual = par.manual if par is not None else ()
+    pipe = par.pipeline if par is not None else None
+    if pipe is not None and combine is not None:
+        raise ValueError("the pipeline trains full weights only (no LoRA / frozen parameters)")
     replicas = par.data_parallel_size if manual else 1  # token replicas: data x expert
 
     def objective(p, mstate, mb, frozen, iteration, i, n_tok):
@@ -91,7 +95,17 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         iteration = ts["updates"] + ts["skipped_iters"]
 
-        if manual:
+        if pipe is not None:  # all micro-batches in one pipelined pass; fp32 gradient (parallel/pipeline.py)
+            def pipelined(p):
+                obj, st = pipeline_loss(p, mstate, split_micro(batch, num_micro), c, lo, opts, pipe, dispatch)
+                return obj / n_tok + lo.aux_coeff * st["aux_loss"] / num_micro, st
+
+            (_, stats), g = jax.value_and_grad(pipelined, has_aux=True)(
+                jax.tree.map(lambda a: a.astype(jnp.float32), params))
+            grads = {**g, "moe": jax.tree.map(pipe.from_stages, g["moe"])}
+            if grad_transform is not None:
+                grads = grad_transform(grads)
+        elif manual:
             spec = lambda t: jax.tree.map(lambda s: s.spec, t)
             grads, stats = manual_grads(
                 lambda p, st, b, fr, sc: accumulate(p, st, local_micro(b, num_micro), fr, sc),
@@ -141,15 +155,22 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     return step
 
 
-def make_eval_step(c: ModelConfig, opts: ModelOptions, dispatch=None, combine: Callable | None = None):
+def make_eval_step(c: ModelConfig, opts: ModelOptions, dispatch=None, combine: Callable | None = None, par=None,
+                   num_micro: int = 1):
     """eval(params, model_state, batch, frozen=None) -> (nll_sum, loss_tokens) of the LM loss (no MTP).
-    `combine(trainable, frozen)` as in make_train_step (without dropout)."""
+    `combine(trainable, frozen)` as in make_train_step (without dropout). Under a pipeline `par` the batch
+    runs through the stages as `num_micro` micro-batches."""
     lo = LossOptions(mtp_layers=0)
+    pipe = par.pipeline if par is not None else None
 
     def ev(params, mstate, batch, frozen=None):
         if combine is not None:
             params = combine(params, frozen)
-        _, stats = micro_loss(params, mstate, batch, c, lo, opts, dispatch)
+        if pipe is not None:
+            _, stats = pipeline_loss(par.compute_params(params, opts.dtype), mstate, split_micro(batch, num_micro),
+                                     c, lo, opts, pipe, dispatch)
+        else:
+            _, stats = micro_loss(params, mstate, batch, c, lo, opts, dispatch)
         return stats["nll_sum"], jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     return ev

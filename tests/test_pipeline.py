@@ -1,0 +1,115 @@
+"""Pipeline parallelism (parallel/pipeline.py): the layer split (Megatron's first/last-stage flags), one train
+step on pp meshes equal to the single-device step (loss, expert load, every updated parameter to 1e-5, router
+bias exactly), and per-stage memory that grows with the micro-batch count only by the hidden states the
+GPipe schedule keeps."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmoe.mesh import MeshError
+from jaxmoe.parallel.pipeline import PipelineLayout, split_layers
+from jaxmoe.parallel.setup import build_parallel
+from tests.parallel_utils import PIPE_OPT, check_equivalence, run_steps
+from tests.train_utils import MICRO, PIPE, train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_split_layers_default_and_megatron_flags():
+    assert split_layers(PIPE, 2).counts == (3, 2)  # 5 MoE layers (layer 0 is dense)
+    assert split_layers(PIPE, 4).counts == (2, 1, 1, 1)
+    # Megatron counts the dense layer on the first stage: 2 layers there = 1 dense + 1 MoE
+    assert split_layers(PIPE, 4, first=2, last=2).counts == (1, 1, 1, 2)
+    assert split_layers(PIPE, 2, first=3).counts == (2, 3)
+    air = dataclasses.replace(PIPE, num_hidden_layers=46)  # GLM-4.5-Air: 1 dense + 45 MoE
+    assert split_layers(air, 4, first=10, last=12).counts == (9, 12, 12, 12)
+
+
+@pytest.mark.parametrize("pp,first,last,needle", [
+    (8, None, None, "the model has 5 MoE layers (of 6), fewer than the 8 pipeline stages"),
+    (4, 1, None, "the first stage needs the 1 dense layer(s) and at least one MoE layer"),
+    (4, 2, 2, None),
+    (4, 3, 2, "the other 2 stage(s) would get 1 layers, which must be a positive multiple of 2"),
+    (2, 2, 2, "2 + 2 layers, but the model has 6 over 2 stage(s)"),
+])
+def test_split_layers_errors(pp, first, last, needle):
+    if needle is None:
+        split_layers(PIPE, pp, first, last)
+        return
+    with pytest.raises(MeshError) as e:
+        split_layers(PIPE, pp, first, last)
+    assert needle in str(e.value)
+
+
+def test_layout_round_trip():
+    lay = PipelineLayout((2, 1, 3))
+    x = jnp.arange(6 * 2.0).reshape(6, 2)
+    staged = lay.to_stages(x)
+    assert staged.shape == (3, 3, 2)
+    np.testing.assert_array_equal(lay.valid(), [[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(staged[1, 1:], 0)  # padding slots
+    np.testing.assert_array_equal(lay.from_stages(staged), x)
+
+
+@pytest.mark.parametrize("c,kw,needle", [
+    (PIPE, dict(mesh="pp=2", train_type="lora"), "pipeline parallelism trains full weights only"),
+    (PIPE, dict(mesh="ep=2", decoder_first_pipeline_num_layers=2), "need pipeline stages: add pp=N to --mesh"),
+    (MICRO, dict(mesh="pp=2"), "the model has 1 MoE layers (of 2), fewer than the 2 pipeline stages"),
+])
+def test_invalid_pipeline_flags(c, kw, needle):
+    import jax
+    t = train_config(global_batch_size=8, micro_batch_size=1, **kw)
+    with pytest.raises(MeshError) as e:
+        build_parallel(t, c, jax.devices()[:2])
+    assert needle in str(e.value)
+
+
+_REF = {}
+
+
+def reference(num_micro):
+    if num_micro not in _REF:
+        _REF[num_micro] = run_steps("", 1, num_micro, c=PIPE, **PIPE_OPT)
+    return _REF[num_micro]
+
+
+@pytest.mark.parametrize("mesh,n,num_micro,kw", [
+    ("pp=2", 2, 8, {}),  # stages of 3 and 2 MoE layers (one padded slot)
+    ("pp=4", 4, 8, dict(decoder_first_pipeline_num_layers=2, decoder_last_pipeline_num_layers=2)),  # 1/1/1/2
+    ("pp=2,tp=2,ep=2", 8, 4, {}),
+], ids=["pp2", "pp4-uneven", "pp2-tp2-ep2"])
+def test_pipeline_step_equals_single_device(mesh, n, num_micro, kw):
+    check_equivalence(mesh, n, num_micro, c=PIPE, ref=reference(num_micro), common=PIPE_OPT, **kw)
+
+
+def test_pipeline_tp4_ep4_pp2_on_32_devices():
+    """The design card's mesh: 32 fake devices need their own process (the suite's has 8)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-m", "tests.parallel_utils", "tp=4,ep=4,pp=2", "32", "2", "pipe"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0 and "EQUIVALENT" in p.stdout, p.stdout[-3000:] + p.stderr[-5000:]
+
+
+def _pipeline_memory(num_micro: int) -> int:
+    from tests.parallel_utils import batch_rows
+    compiled, _ = run_steps("pp=2", 2, num_micro, c=PIPE, compiled=True, global_batch_size=num_micro,
+                            rows=batch_rows(G=num_micro))
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_stage_memory_grows_only_by_the_schedules_hidden_states():
+    """GPipe keeps, per micro-batch, the stage input of each iteration (remat recomputes the rest), the
+    embedded input and the last stage's output (and their gradients): a few hidden states [B, T, H]. Without
+    the stage-level remat each micro-batch would keep every layer's activations (many times more)."""
+    hidden = 1 * 64 * PIPE.hidden_size * 4  # one micro-batch's hidden state: 1 row x 64 tokens, fp32
+    small, large = _pipeline_memory(2), _pipeline_memory(8)
+    per_micro = (large - small) / 6
+    assert per_micro <= 8 * hidden, (small, large, per_micro / hidden)
