@@ -78,6 +78,6 @@ def test_invalid_layout_messages():
     with pytest.raises(MeshError, match="must be a multiple of micro_batch_size x dp x ep"):
         build_parallel(train_config(mesh="dp=2,ep=2", global_batch_size=6, micro_batch_size=1), MICRO,
                        jax.devices()[:4])
-    with pytest.raises(MeshError, match="fewer than stages"):
+    with pytest.raises(MeshError, match="fewer than the 4 pipeline stages"):
         build_parallel(train_config(mesh="pp=4", global_batch_size=8), MICRO, jax.devices()[:4])
     assert parse_mesh("tensor=2,expert=2", 8).data == 2  # long names; dp fills the rest

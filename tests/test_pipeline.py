@@ -37,7 +37,8 @@ def test_split_layers_default_and_megatron_flags():
     (4, 1, None, "the first stage needs the 1 dense layer(s) and at least one MoE layer"),
     (4, 2, 2, None),
     (4, 3, 2, "the other 2 stage(s) would get 1 layers, which must be a positive multiple of 2"),
-    (2, 2, 2, "2 + 2 layers, but the model has 6 over 2 stage(s)"),
+    (2, 2, 2, "the 2 stages get 4 layers, the model has 6"),
+    (3, None, 4, "the other 2 stage(s) would get 1 layers"),
 ])
 def test_split_layers_errors(pp, first, last, needle):
     if needle is None:

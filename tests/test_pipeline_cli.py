@@ -30,4 +30,5 @@ def test_tp4_ep4_pp2_trains_saves_and_resumes_on_another_mesh(tmp_path):
     assert f"resumed from {stopped} at iteration 2" in out_res and "mesh dp=1,pp=1,ep=4,cp=1,tp=2," in out_res
     want = read_metrics(full)
     assert_metrics_close(read_metrics(stopped), want[:2], rtol=0)
-    assert_metrics_close(read_metrics(resumed), want[2:], rtol=1e-5)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "num_devices"} for r in rows]  # 8 vs 32
+    assert_metrics_close(strip(read_metrics(resumed)), strip(want[2:]), rtol=1e-5)

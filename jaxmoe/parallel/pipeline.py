@@ -93,16 +93,13 @@ def split_layers(c: ModelConfig, pp: int, first: int | None = None, last: int | 
     if last is not None:
         if last < 1:
             raise MeshError(f"--decoder_last_pipeline_num_layers {last} must be >= 1")
-        if pp == 1 or (first is not None and pp == 2 and counts[0] + last != L):
-            raise MeshError(f"--decoder_first/last_pipeline_num_layers: {first} + {last} layers, but the model "
-                            f"has {c.num_hidden_layers} over {pp} stage(s)")
         counts[-1] = last
     rest = L - sum(n for n in counts if n is not None)
     middle = [s for s, n in enumerate(counts) if n is None]
     if not middle:
         if rest:
-            raise MeshError(f"--decoder_first/last_pipeline_num_layers: they sum to {L - rest + dense} layers, "
-                            f"the model has {c.num_hidden_layers}")
+            raise MeshError(f"--decoder_first/last_pipeline_num_layers: the {pp} stages get {L - rest + dense} "
+                            f"layers, the model has {c.num_hidden_layers}")
     elif rest < len(middle) or rest % len(middle):
         raise MeshError(f"--decoder_first/last_pipeline_num_layers: the other {len(middle)} stage(s) would get "
                         f"{rest} layers, which must be a positive multiple of {len(middle)} (as in Megatron)")
