@@ -96,13 +96,39 @@ def strip_axes(spec: P, drop) -> P:
     return P(*out)
 
 
+# Name of the vmap axis over data replicas (parallel/replicas.py); while it is traced, `data` shards that
+# vmapped dimension, so specs inside leave `data` out and token statistics are summed over the axis.
+REPLICA_AXIS = "replica"
+_REPLICAS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxmoe_replicas", default=False)
+
+
+@contextlib.contextmanager
+def data_replicas() -> Iterator[None]:
+    tok = _REPLICAS.set(True)
+    try:
+        yield
+    finally:
+        _REPLICAS.reset(tok)
+
+
+def in_data_replicas() -> bool:
+    return _REPLICAS.get()
+
+
+def _drop_replica_axis(specs):
+    if not _REPLICAS.get():
+        return specs
+    return jax.tree.map(lambda s: strip_axes(s, ("data",)), specs, is_leaf=lambda s: isinstance(s, P))
+
+
 def constrain(x, axes):
     """Sharding constraint by logical axis names; identity without an active sharding context. Inside a
-    partly manual shard_map the manual axes are dropped (each device already holds its own slice)."""
+    partly manual shard_map the manual axes are dropped (each device already holds its own slice), inside the
+    data-replica vmap the `data` axis (it shards the vmapped dimension)."""
     ctx = _CTX.get()
     if ctx is None:
         return x
-    spec = logical_to_spec(axes, ctx.rules)
+    spec = _drop_replica_axis(logical_to_spec(axes, ctx.rules))
     manual = manual_axes()
     if manual:
         return jax.lax.with_sharding_constraint(
@@ -116,7 +142,8 @@ def shard_map_rest(fn, mesh, in_specs, out_specs):
     blocks and the collectives' axes are bound, so `fn` runs as it is."""
     manual = manual_axes()
     if not manual:
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        return jax.shard_map(fn, mesh=mesh, in_specs=_drop_replica_axis(in_specs),
+                             out_specs=_drop_replica_axis(out_specs), check_vma=False)
     rest = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
     if rest:
         # jax 0.10 cannot differentiate a scan over a nested shard_map here (see parallel/manual.py)
@@ -140,7 +167,9 @@ def zeros_typed(like, dtype=None):
 
 def psum_manual(x, axes):
     """Sum over those of `axes` that are manual here and that x varies over (a no-op outside shard_map;
-    GSPMD sums over the automatic axes by itself)."""
+    GSPMD sums over the automatic axes by itself), and over the data-replica vmap axis when `data` is one."""
+    if _REPLICAS.get() and "data" in axes:
+        x = jax.lax.psum(x, REPLICA_AXIS)
     manual = manual_axes()
     if not manual:
         return x

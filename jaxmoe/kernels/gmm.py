@@ -41,9 +41,60 @@ def gmm_fwd_bwd_flops(m: int, k: int, n: int) -> int:
     return 3 * gmm_flops(m, k, n)
 
 
+def batchable(fn):
+    """fn under vmap by its own rule: jax.lax.ragged_dot's batching rule fails for a vmap inside a vmap (the
+    pipeline's stage vmap inside the data-replica vmap) and for unbatched operands. A batch of one (what
+    every device sees inside the MoE dispatch's shard_map) runs fn once; larger batches loop. Not
+    differentiable by itself (custom_vmap): wrap it in a custom_vjp."""
+    @jax.custom_batching.custom_vmap
+    def f(*args):
+        return fn(*args)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+        if axis_size == 1:
+            out = f(*[a[0] for a in args])
+            out = jax.tree.map(lambda o: o[None], out)
+        else:
+            out = jax.lax.map(lambda xs: f(*xs), tuple(args))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _ragged_dot_pair(preferred_element_type):
+    dot = lambda lhs, rhs, gs: jax.lax.ragged_dot(lhs, rhs, gs, preferred_element_type=preferred_element_type)
+
+    def grads(lhs, rhs, gs, ct):
+        return jax.vjp(lambda a, b: dot(a, b, gs), lhs, rhs)[1](ct)
+
+    return batchable(dot), batchable(grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ragged_dot(lhs, rhs, group_sizes, preferred_element_type):
+    return _ragged_dot_pair(preferred_element_type)[0](lhs, rhs, group_sizes)
+
+
+def _ragged_dot_fwd(lhs, rhs, group_sizes, preferred_element_type):
+    return _ragged_dot(lhs, rhs, group_sizes, preferred_element_type), (lhs, rhs, group_sizes)
+
+
+def _ragged_dot_bwd(preferred_element_type, res, ct):
+    lhs, rhs, group_sizes = res
+    dlhs, drhs = _ragged_dot_pair(preferred_element_type)[1](lhs, rhs, group_sizes, ct)
+    return dlhs, drhs, None
+
+
+_ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
 def gmm_reference(lhs, rhs, group_sizes, preferred_element_type=None):
-    """The plain-XLA reference: jax.lax.ragged_dot (rows past sum(group_sizes) give 0)."""
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+    """The plain-XLA reference: jax.lax.ragged_dot (rows past sum(group_sizes) give 0), with jax's own
+    gradient, batchable under nested vmaps (see `batchable`)."""
+    return _ragged_dot(lhs, rhs, group_sizes, preferred_element_type)
 
 
 def tgmm_reference(lhs, dout, group_sizes, preferred_element_type=None):

@@ -146,6 +146,12 @@ class Parallel:
         """Accumulated gradients live in the ZeRO layout (reduce-scattered over data)."""
         return jax.tree.map(jax.lax.with_sharding_constraint, grads, self.master_shardings)
 
+    def compute_shardings(self):
+        """Shardings of compute_params' output."""
+        if self.pipeline is None:
+            return self.param_shardings
+        return {**self.param_shardings, "moe": self.staged_shardings}
+
     def compute_params(self, params, dtype):
         """Master params -> compute-dtype params in the TP/EP layout (cast first: half the all-gather bytes).
         Under the pipeline params["moe"] comes out staged, [S, slots, ...] sharded over `stage`."""

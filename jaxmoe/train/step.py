@@ -11,11 +11,12 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import zeros_typed
+from jaxmoe.mesh import REPLICA_AXIS, zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
 from jaxmoe.parallel.manual import TOKEN_REPLICAS, local_micro, manual_grads, to_replica_order
 from jaxmoe.parallel.pipeline import pipeline_loss
+from jaxmoe.parallel.replicas import replica_grads
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import clip_by_global_norm
 
@@ -47,14 +48,18 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     micro_index)` (LoRA, frozen parameters) the train state holds only the trainable part and the model runs on
     combine's output; `frozen` gets no gradient, no optimizer state and is not part of the state.
 
-    With `par` (a parallel.setup.Parallel whose mesh has data/expert/stage replicas) the micro-batch loop runs
-    per replica and gradients are reduced once per step (parallel/manual.py); `param_shardings` /
+    With `par` (a parallel.setup.Parallel) whose mesh has data replicas the micro-batch loop runs per replica and
+    gradients are reduced once per step (parallel/manual.py when tp = cp = pp = 1, else parallel/replicas.py);
+    under pp > 1 the micro-batches stream through the stages (parallel/pipeline.py). `param_shardings` /
     `frozen_shardings` are the compute layouts of the trainable and frozen trees (default: par's)."""
     manual = par.manual if par is not None else ()
     pipe = par.pipeline if par is not None else None
     if pipe is not None and combine is not None:
         raise ValueError("the pipeline trains full weights only (no LoRA / frozen parameters)")
-    replicas = par.data_parallel_size if manual else 1  # token replicas: data x expert
+    # GSPMD meshes (tp / cp / pp) with data replicas vmap over them instead (parallel/replicas.py)
+    D = par.spec.data if par is not None and not manual else 1
+    replicas = par.data_parallel_size if manual else D  # replicas that each hold a share of every micro-batch
+    per_replica = bool(manual) or D > 1  # gradients summed locally, reduced once after the loop
 
     def objective(p, mstate, mb, frozen, iteration, i, n_tok):
         if combine is not None:
@@ -70,18 +75,18 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         def body(carry, xs):
             g_acc, s_acc = carry
             mb, i = xs
-            if manual and combine is not None:  # own LoRA-dropout masks per replica (its rows differ)
-                i = i + num_micro * jax.lax.axis_index(TOKEN_REPLICAS)
+            if per_replica and combine is not None:  # own LoRA-dropout masks per replica (its rows differ)
+                i = i + num_micro * jax.lax.axis_index(TOKEN_REPLICAS if manual else REPLICA_AXIS)
             (_, stats), g = jax.value_and_grad(objective, has_aux=True)(params, mstate, mb, frozen, iteration, i,
                                                                         n_tok)
-            if grad_transform is not None and not manual:
+            if grad_transform is not None and not per_replica:
                 g = grad_transform(g)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             s_acc = jax.tree.map(lambda a, b: a + b, s_acc, stats)
             return (g_acc, s_acc), None
 
         zeros_g = jax.tree.map(lambda p: zeros_typed(p, jnp.float32), params)
-        if grad_transform is not None and not manual:
+        if grad_transform is not None and not per_replica:
             zeros_g = grad_transform(zeros_g)
         first = jax.tree.map(lambda x: x[0], mbs)
         stat_shapes = jax.eval_shape(lambda: objective(params, mstate, first, frozen, iteration, 0, n_tok)[1])
@@ -89,23 +94,26 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         (grads, stats), _ = jax.lax.scan(body, (zeros_g, zeros_s), (mbs, jnp.arange(num_micro)))
         return grads, stats
 
+    def pipelined(params, mstate, mbs, n_tok):
+        """All micro-batches in one pipelined pass; gradient w.r.t. fp32 weights (parallel/pipeline.py)."""
+        def f(p):
+            obj, st = pipeline_loss(p, mstate, mbs, c, lo, opts, pipe, dispatch)
+            return obj / n_tok + lo.aux_coeff * st["aux_loss"] / (num_micro * replicas), st
+
+        (_, stats), g = jax.value_and_grad(f, has_aux=True)(jax.tree.map(lambda a: a.astype(jnp.float32), params))
+        return g, stats
+
     def step(ts, batch, frozen=None):
         master, mstate = ts["params"], ts["model_state"]
         params = compute_params(master, opts.dtype) if compute_params else master
         n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         iteration = ts["updates"] + ts["skipped_iters"]
+        if pipe is not None:
+            local = lambda p, mbs, fr: pipelined(p, mstate, mbs, n_tok)
+        else:
+            local = lambda p, mbs, fr: accumulate(p, mstate, mbs, fr, (iteration, n_tok))
 
-        if pipe is not None:  # all micro-batches in one pipelined pass; fp32 gradient (parallel/pipeline.py)
-            def pipelined(p):
-                obj, st = pipeline_loss(p, mstate, split_micro(batch, num_micro), c, lo, opts, pipe, dispatch)
-                return obj / n_tok + lo.aux_coeff * st["aux_loss"] / num_micro, st
-
-            (_, stats), g = jax.value_and_grad(pipelined, has_aux=True)(
-                jax.tree.map(lambda a: a.astype(jnp.float32), params))
-            grads = {**g, "moe": jax.tree.map(pipe.from_stages, g["moe"])}
-            if grad_transform is not None:
-                grads = grad_transform(grads)
-        elif manual:
+        if manual:
             spec = lambda t: jax.tree.map(lambda s: s.spec, t)
             grads, stats = manual_grads(
                 lambda p, st, b, fr, sc: accumulate(p, st, local_micro(b, num_micro), fr, sc),
@@ -113,10 +121,15 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
                 jax.tree.map(lambda _: P(), mstate), to_replica_order(batch, num_micro), par.batch_sharding().spec,
                 frozen, None if frozen is None else spec(frozen_shardings or par.param_shardings),
                 (iteration, n_tok))
-            if grad_transform is not None:
-                grads = grad_transform(grads)
+        elif D > 1:
+            grads, stats = replica_grads(local, D, params, param_shardings or par.compute_shardings(), batch,
+                                         num_micro, frozen, frozen_shardings or par.param_shardings)
         else:
-            grads, stats = accumulate(params, mstate, split_micro(batch, num_micro), frozen, (iteration, n_tok))
+            grads, stats = local(params, split_micro(batch, num_micro), frozen)
+        if pipe is not None:
+            grads = {**grads, "moe": jax.tree.map(pipe.from_stages, grads["moe"])}
+        if grad_transform is not None:
+            grads = grad_transform(grads)
 
         grads, gnorm = clip_by_global_norm(grads, clip_grad)
         lm_loss = stats["nll_sum"] / n_tok
