@@ -63,31 +63,32 @@ def test_layout_round_trip():
     (PIPE, dict(mesh="pp=2", train_type="lora"), "pipeline parallelism trains full weights only"),
     (PIPE, dict(mesh="ep=2", decoder_first_pipeline_num_layers=2), "need pipeline stages: add pp=N to --mesh"),
     (MICRO, dict(mesh="pp=2"), "the model has 1 MoE layers (of 2), fewer than the 2 pipeline stages"),
+    (PIPE, dict(mesh="pp=2,cp=2"), "context parallelism (cp) together with pipeline stages (pp) is not supported"),
 ])
 def test_invalid_pipeline_flags(c, kw, needle):
     import jax
     t = train_config(global_batch_size=8, micro_batch_size=1, **kw)
     with pytest.raises(MeshError) as e:
-        build_parallel(t, c, jax.devices()[:2])
+        build_parallel(t, c, jax.devices()[:4 if "cp" in kw["mesh"] else 2])
     assert needle in str(e.value)
 
 
 _REF = {}
 
 
-def reference(num_micro):
-    if num_micro not in _REF:
-        _REF[num_micro] = run_steps("", 1, num_micro, c=PIPE, **PIPE_OPT)
-    return _REF[num_micro]
+def reference():
+    if not _REF:  # 4 micro-batches of 2 rows (pp meshes without data replicas: micro_batch_size 2)
+        _REF["ref"] = run_steps("", 1, 4, c=PIPE, **PIPE_OPT)
+    return _REF["ref"]
 
 
-@pytest.mark.parametrize("mesh,n,num_micro,kw", [
-    ("pp=2", 2, 8, {}),  # stages of 3 and 2 MoE layers (one padded slot)
-    ("pp=4", 4, 8, dict(decoder_first_pipeline_num_layers=2, decoder_last_pipeline_num_layers=2)),  # 1/1/1/2
-    ("pp=2,tp=2,ep=2", 8, 4, {}),
-], ids=["pp2", "pp4-uneven", "pp2-tp2-ep2"])
-def test_pipeline_step_equals_single_device(mesh, n, num_micro, kw):
-    check_equivalence(mesh, n, num_micro, c=PIPE, ref=reference(num_micro), common=PIPE_OPT, **kw)
+@pytest.mark.parametrize("mesh,n,kw", [
+    ("pp=2", 2, {}),  # stages of 3 and 2 MoE layers (one padded slot)
+    ("pp=4", 4, dict(decoder_first_pipeline_num_layers=2, decoder_last_pipeline_num_layers=2)),  # 1/1/1/2
+    ("pp=2,tp=2,ep=2", 8, dict(sequence_parallel=True)),  # Megatron sequence parallelism between blocks
+], ids=["pp2", "pp4-uneven", "pp2-tp2-ep2-sp"])
+def test_pipeline_step_equals_single_device(mesh, n, kw):
+    check_equivalence(mesh, n, 4, c=PIPE, ref=reference(), common=PIPE_OPT, **kw)
 
 
 def test_pipeline_tp4_ep4_pp2_on_32_devices():

@@ -184,6 +184,9 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     if spec.stage > 1:
         pipeline = split_layers(c, spec.stage, getattr(t, "decoder_first_pipeline_num_layers", None),
                                 getattr(t, "decoder_last_pipeline_num_layers", None))
+        if spec.sequence > 1:
+            raise MeshError(f"--mesh {spec.describe()}: context parallelism (cp) together with pipeline stages "
+                            "(pp) is not supported yet; use one of them")
         if getattr(t, "train_type", "full") != "full":
             raise MeshError(f"--mesh {spec.describe()}: pipeline parallelism trains full weights only; use "
                             "--train_type full, or a mesh without pp for LoRA")
