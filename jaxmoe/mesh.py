@@ -111,10 +111,6 @@ def data_replicas() -> Iterator[None]:
         _REPLICAS.reset(tok)
 
 
-def in_data_replicas() -> bool:
-    return _REPLICAS.get()
-
-
 def _drop_replica_axis(specs):
     if not _REPLICAS.get():
         return specs

@@ -20,7 +20,7 @@ from jaxmoe.parallel.pipeline import PipelineLayout, split_layers
 
 
 def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_batch: int, seq_len: int) -> None:
-    tp, ep, pp, cp = spec.tensor, spec.expert, spec.stage, spec.sequence
+    tp, ep, cp = spec.tensor, spec.expert, spec.sequence
     if c.num_attention_heads % tp:
         raise MeshError(f"--mesh tp={tp}: num_attention_heads {c.num_attention_heads} is not divisible by tp")
     if c.num_key_value_heads % tp:
