@@ -121,6 +121,42 @@ def _group_size(attrs: str, num_partitions: int) -> int:
     return num_partitions  # replica_groups={} (or absent): every device
 
 
+def replica_groups(attrs: str, num_partitions: int) -> list[list[int]] | None:
+    """The device groups of a collective: explicit `{{0,1},{2,3}}`, iota `[G,S]<=[dims]T(perm)` (iota over
+    dims, transposed by perm, reshaped to G groups of S), `mesh['a'=4,'b'=2] {'a'}` (along named axes of an
+    iota mesh), or `{}` (every device). Ids are partition ids (the mesh's device order). None where not parsed."""
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        return groups or [list(range(num_partitions))]
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        shape = [int(x) for x in m.group(1).split(",")]
+        dims = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
+    if m:  # groups along the named axes of an iota device mesh
+        sizes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        along = re.findall(r"'([^']+)'", m.group(2))
+        names = [a for a, _ in sizes]
+        ids = np.arange(math.prod(n for _, n in sizes)).reshape([n for _, n in sizes])
+        keep = [i for i, a in enumerate(names) if a not in along] + [names.index(a) for a in along]
+        return ids.transpose(keep).reshape(-1, math.prod(dict(sizes)[a] for a in along)).tolist()
+    if "replica_groups" not in attrs:
+        return [list(range(num_partitions))]
+    return None
+
+
+def hosts_spanned(groups: list[list[int]] | None, devices_per_host: int) -> int | None:
+    """The most hosts any one group spans (devices numbered host by host); None where groups are unknown."""
+    if groups is None:
+        return None
+    return max(len({d // devices_per_host for d in g}) for g in groups)
+
+
 def parse_hlo(text: str) -> dict[str, Any]:
     """-> {'entry': name, 'num_partitions': n, 'comps': {name: [instr dict]}}."""
     comps: dict[str, list[dict]] = {}
@@ -204,10 +240,11 @@ def _callees(instr: dict):
             yield role, n
 
 
-def collective_bytes(hlo_text: str, top: int = 0) -> dict[str, Any]:
+def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dict[str, Any]:
     """Per collective kind: ops (static count), executions (x trip counts), payload and wire bytes per device
     per call of the module. Async pairs count once (at `-start`); groups of one device move nothing. With
-    `top`, also the `top` ops of largest total payload (name, kind, group size, executions, payload)."""
+    `top`, also the `top` ops of largest total payload (name, kind, group size, executions, payload); with
+    `with_ops`, every op with its attributes (replica groups: see replica_groups)."""
     mod = parse_hlo(hlo_text)
     mult, unknown = computation_multiplicity(mod)
     n_dev = mod["num_partitions"]
@@ -238,7 +275,8 @@ def collective_bytes(hlo_text: str, top: int = 0) -> dict[str, Any]:
             else:  # reduce-scatter, all-to-all
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,
-                        "payload_bytes": times * payload, "computation": cname})
+                        "payload_bytes": times * payload, "wire_bytes": times * wire, "computation": cname,
+                        "attrs": i["call"]})
             rec = out[kind]
             rec["ops"] += 1
             rec["executions"] += times
@@ -247,8 +285,11 @@ def collective_bytes(hlo_text: str, top: int = 0) -> dict[str, Any]:
     out["total"] = {k: sum(out[x][k] for x in KINDS) for k in ("ops", "executions", "payload_bytes", "wire_bytes")}
     out["unknown_trip_counts"] = unknown
     out["num_partitions"] = n_dev
+    if with_ops:
+        out["ops"] = ops
     if top:
-        out["top_ops"] = sorted(ops, key=lambda o: -o["payload_bytes"])[:top]
+        out["top_ops"] = [{k: v for k, v in o.items() if k != "attrs"}
+                          for o in sorted(ops, key=lambda o: -o["payload_bytes"])[:top]]
     return out
 
 
@@ -388,35 +429,23 @@ def synthetic_packed_batch(rows: int, length: int, vocab: int, seed: int = 0, me
 
 
 class TrainStep:
-    """The train step exactly as `jaxmoe.train.loop.run` builds it for full fine-tuning (same parallel setup,
-    model options, optimizer, schedule, loss options, hooks and donation), without data or checkpoints."""
+    """The train step exactly as `jaxmoe.train.loop.run` builds it for full fine-tuning (train/build.py: same
+    parallel setup, model options, optimizer, schedule, loss options, hooks and donation), without data or
+    checkpoints."""
 
     def __init__(self, t, c, devices=None, train_iters: int = 1000):
         from jaxmoe.config import ConfigError
         from jaxmoe.parallel.setup import build_parallel
-        from jaxmoe.train.loop import model_options
-        from jaxmoe.train.loss import LossOptions
-        from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-        from jaxmoe.train.step import make_train_step
+        from jaxmoe.train.build import build_step
 
         if t.train_type != "full":
             raise ConfigError(f"--train_type {t.train_type}: the benchmarks time full fine-tuning only")
         self.t, self.c = t, c
         self.par = build_parallel(t, c, devices)
-        self.opts = model_options(t)
-        self.optimizer = make_optimizer(t, train_iters)
-        dp = self.par.data_parallel_size
-        self.num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        if self.num_micro * t.micro_batch_size * dp != t.global_batch_size:
-            raise ConfigError(f"--global_batch_size {t.global_batch_size} must be a multiple of --micro_batch_size "
-                              f"({t.micro_batch_size}) x data-parallel size ({dp})")
-        self.mtp_layers = c.num_nextn_predict_layers if t.mtp_num_layers is None else t.mtp_num_layers
-        self.lo = LossOptions(mtp_layers=self.mtp_layers, mtp_scale=t.mtp_loss_scaling_factor,
-                              aux_coeff=t.moe_aux_loss_coeff)
-        self.fn = make_train_step(c, self.opts, self.lo, self.optimizer, lr_schedule(t, train_iters),
-                                  self.num_micro, t.clip_grad, t.moe_router_bias_update_rate,
-                                  **self.par.step_hooks())
-        self.jitted = jax.jit(self.fn, donate_argnums=0)
+        self.built = build_step(t, c, self.par, train_iters)
+        self.opts, self.optimizer, self.num_micro = self.built.opts, self.built.optimizer, self.built.num_micro
+        self.lo, self.mtp_layers = self.built.lo, self.built.lo.mtp_layers
+        self.fn, self.jitted = self.built.step_fn, self.built.step
 
     @property
     def tokens_per_step(self) -> int:
@@ -436,15 +465,7 @@ class TrainStep:
 
     def abstract_state(self):
         """The train state as sharded shape structs: compile without allocating the weights."""
-        from jaxmoe.model.params import init_params, init_state
-        from jaxmoe.train.step import init_train_state
-
-        shapes = jax.eval_shape(lambda: init_train_state(init_params(self.c, jax.random.key(0)),
-                                                         init_state(self.c), self.optimizer))
-        shard = self.par.state_shardings(self.optimizer)
-        # state_shardings is a prefix tree (one sharding for the whole model_state dict)
-        return jax.tree.map(lambda sh, sub: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub), shard, shapes)
+        return self.built.abstract_state()
 
     def host_batch(self, seed: int = 0) -> dict:
         return synthetic_packed_batch(self.t.global_batch_size, self.t.max_length, self.c.vocab_size, seed)
@@ -453,13 +474,22 @@ class TrainStep:
         return self.par.put_batch(self.host_batch(seed))
 
     def abstract_batch(self) -> dict:
-        sh = self.par.batch_sharding()
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in self.host_batch().items()}
+        return abstract_batch(self.par, self.t.global_batch_size, self.t.max_length)
 
     def compile(self, state=None, batch=None):
         with self.par.context():
             return self.jitted.lower(state if state is not None else self.abstract_state(),
                                      batch if batch is not None else self.abstract_batch()).compile()
+
+
+def abstract_batch(par, rows: int, length: int) -> dict:
+    """A global batch of `rows` packed rows as sharded shape structs (the trainer's batch fields)."""
+    from jaxmoe.parallel.context import permute_batch
+    sh = par.batch_sharding()
+    fields = synthetic_packed_batch(1, length, 16)
+    if par.spec.sequence > 1:  # the fields put_batch adds under context parallelism
+        fields = permute_batch(fields, par.spec.sequence, par.mtp_depths)
+    return {k: jax.ShapeDtypeStruct((rows, length), v.dtype, sharding=sh) for k, v in fields.items()}
 
 
 # ---- benchmark configs ---------------------------------------------------------------------------------------

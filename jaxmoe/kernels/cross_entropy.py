@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.kernels.vma import like, to_varying, varying
+
 DEFAULT_BLOCK_TOKENS = 4096
 DEFAULT_BLOCK_VOCAB = 8192
 
@@ -69,10 +71,11 @@ class _Layout:
         self.valid_vocab = valid_vocab
         self.precision = _precision(h.dtype)
         self.axis_name = axis_name
+        # scan carries start invariant but mix in h and this shard's w: they vary over what those vary over
+        self.varying = varying(h, w) | set((axis_name,) if isinstance(axis_name, str) else axis_name or ())
 
     def vary(self, x):
-        """Scan carries start invariant but mix in this shard's w: mark them device-varying."""
-        return jax.lax.pcast(x, self.axis_name, to="varying") if self.axis_name else x
+        return to_varying(x, self.varying)
 
     def chunk_logits(self, h_t, c):
         """Logits of token block h_t against vocab chunk c: masked to -inf where the id is padding."""
@@ -162,7 +165,7 @@ def _lce_bwd(bt, bv, axis_name, valid_vocab, res, cotangents):
     if axis_name:
         dh = jax.lax.psum(dh, axis_name)  # every vocab shard contributes to the replicated h
     dw = dw.reshape(-1, w.shape[1])[:w.shape[0]]
-    return dh.astype(h.dtype), dw, None
+    return like(dh.astype(h.dtype), h), like(dw, w), None
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxmoe.kernels.attention_ref import check_attention_inputs, default_index
+from jaxmoe.kernels.vma import like, pallas_call
 
 __all__ = ["flash_attention", "TUNING_DEFAULTS"]
 
@@ -258,7 +259,7 @@ def _forward(cfg, q, k, v, aux):
         cfg, aux, pl.BlockSpec((None, bq), lambda b, h, i: (b, qi(i))),
         pl.BlockSpec((None, cfg.S_pad), lambda b, h, i: (b, 0)))
     range_spec = pl.BlockSpec((None, None), lambda b, h, i: (b, qi(i)))
-    out, lse = pl.pallas_call(
+    out, lse = pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(B, Nq, nq),
         in_specs=[q_spec, kv_spec, kv_spec, *meta_specs, *[range_spec] * 4],
@@ -367,7 +368,7 @@ def _backward(cfg, q, k, v, aux, out, lse, dout, dlse):
         cfg, aux, pl.BlockSpec((None, T_pad), lambda b, h, j: (b, 0)),
         pl.BlockSpec((None, bk), lambda b, h, j: (b, j)))
     range_spec = pl.BlockSpec((None, None), lambda b, h, j: (b, j))
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         grid=(B, Nkv, nk),
         in_specs=[q_group, kv_blk, kv_blk, q_group, row_group, row_group, *meta_specs,
@@ -392,7 +393,7 @@ def _backward(cfg, q, k, v, aux, out, lse, dout, dlse):
         cfg, aux, pl.BlockSpec((None, bq), lambda b, h, i: (b, qi(i))),
         pl.BlockSpec((None, cfg.S_pad), lambda b, h, i: (b, 0)))
     range_spec = pl.BlockSpec((None, None), lambda b, h, i: (b, qi(i)))
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(B, Nq, nq),
         in_specs=[q_blk, kv_full, kv_full, q_blk, row_blk, row_blk, *meta_specs, *[range_spec] * 4],
@@ -423,7 +424,7 @@ def _flash_bwd(cfg, res, cotangents):
     q, k, v, aux, out, lse = res
     dout, dlse = cotangents
     dq, dk, dv = _backward(cfg, q, k, v, aux, out, lse, dout, dlse)
-    return dq, dk, dv, None
+    return like(dq, q), like(dk, k), like(dv, v), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

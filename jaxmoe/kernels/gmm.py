@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxmoe.kernels.vma import like, pallas_call
+
 DEFAULT_TILING = (128, 64, 128)
 
 
@@ -156,8 +158,10 @@ def make_tile_metadata(group_sizes, m, tm):
     lo = jnp.arange(tiles, dtype=jnp.int32) * tm
     hi = jnp.minimum(lo + tm, total)
     # Group holding row r = number of groups ending at or before r (empty groups are skipped).
-    first = jnp.searchsorted(ends, lo, side="right").astype(jnp.int32)
-    last = jnp.searchsorted(ends, hi - 1, side="right").astype(jnp.int32)
+    # searchsorted(ends, ., side="right") as [tiles, G] compares (tiny): jnp.searchsorted fails to trace inside
+    # shard_map when `ends` varies over manual axes (jax 0.10)
+    first = jnp.sum(ends[None, :] <= lo[:, None], axis=1, dtype=jnp.int32)
+    last = jnp.sum(ends[None, :] <= (hi - 1)[:, None], axis=1, dtype=jnp.int32)
     count = jnp.where(hi > lo, last - first + 1, 0).astype(jnp.int32)
     return first, count, starts, ends
 
@@ -209,7 +213,7 @@ def _gmm_call(lhs, rhs, group_sizes, tiling, out_dtype, transpose_rhs, interpret
     first, count, starts, ends = make_tile_metadata(group_sizes, m, tm)
     kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k=kp // tk,
                                transpose_rhs=transpose_rhs)
-    out = pl.pallas_call(
+    out = pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         # n fastest: neighbouring programs share the row tile and the group's weights in L2.
@@ -258,7 +262,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling=DEFAULT_TILING, preferred_element_typ
     g = group_sizes.shape[0]
     mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     starts, ends = _group_bounds(group_sizes, m)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
         out_shape=jax.ShapeDtypeStruct((g, kp, np_), preferred_element_type or lhs.dtype),
         # n, then k, vary fastest: programs running together read the same group's rows.
@@ -288,7 +292,7 @@ def _gmm_bwd(tiling, out_dtype, interpret, res, dout):
     dlhs = _gmm_call(dout, rhs, group_sizes, tiling, lhs.dtype, True, interpret)
     drhs = tgmm(lhs, dout, group_sizes, tiling=tiling, preferred_element_type=rhs.dtype,
                 interpret=interpret)
-    return dlhs, drhs, None
+    return like(dlhs, lhs), like(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)

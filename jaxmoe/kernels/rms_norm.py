@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxmoe.kernels.gmm import resolve_interpret
+from jaxmoe.kernels.vma import like, pallas_call
 
 DEFAULT_BLOCK_ROWS = 4
 
@@ -96,7 +97,7 @@ def _bwd_kernel(*refs, m, h, br, hp, has_res):
 
 
 def _call(kernel, args, out_shapes, m, br, interpret, name):
-    return pl.pallas_call(
+    return pallas_call(
         kernel, out_shape=out_shapes, grid=(pl.cdiv(m, br),),
         in_specs=[pl.no_block_spec] * len(args), out_specs=[pl.no_block_spec] * len(out_shapes),
         compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
@@ -136,7 +137,7 @@ def _rms_bwd(eps, br, interpret, res, cotangent):
     dx, dw_parts = _call(kernel, args, shapes, m, br, interpret, "jaxmoe_rms_norm_bwd")
     dw = jnp.sum(dw_parts, axis=0).astype(weight.dtype)
     dres = dx.astype(residual.dtype) if has_res else None
-    return dx, dres, dw
+    return like(dx, x), like(dres, residual), like(dw, weight)
 
 
 _rms.defvjp(_rms_fwd, _rms_bwd)

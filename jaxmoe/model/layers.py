@@ -19,7 +19,8 @@ def ops_for(opts: ModelOptions):
     if opts.kernels == "reference":
         return reference_ops.OPS
     from jaxmoe.kernels.ops import KernelConfig, get_ops  # Pallas path (GPU, or interpret mode in tests)
-    return get_ops(KernelConfig.from_flag(opts.kernels))
+    interpret = None if opts.platform is None else opts.platform == "cpu"
+    return get_ops(KernelConfig.from_flag(opts.kernels, interpret), backend=opts.platform)
 
 
 def rms_norm(x, weight, eps, opts: ModelOptions):

@@ -108,7 +108,30 @@ def _recv_counts(send_counts):
 
 def _ragged_exchange(operand, send_counts, cap):
     """Move only the real rows: chunk i of `operand` (rows [i*cap, i*cap + send_counts[i])) lands at
-    offset my_rank*cap of peer i's output. Output buffers are zero-initialised (unwritten rows stay 0)."""
+    offset my_rank*cap of peer i's output. Output buffers are zero-initialised (unwritten rows stay 0).
+    Differentiable and batchable (the pipeline vmaps the MoE dispatch over stages): see _exchange."""
+    return _exchange(operand, send_counts, cap)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _exchange(operand, send_counts, cap):
+    return _batchable_exchange(operand, send_counts, cap)
+
+
+def _exchange_fwd(operand, send_counts, cap):
+    return _batchable_exchange(operand, send_counts, cap), _recv_counts(send_counts)
+
+
+def _exchange_bwd(cap, recv_counts, ct):
+    # The exchange is a permutation of rows with the same offset pattern both ways (chunk i at i*cap is sent
+    # to offset me*cap of peer i): its transpose sends the received rows back with the counts swapped.
+    return _batchable_exchange(ct, recv_counts, cap), None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+
+
+def _ragged_a2a(operand, send_counts, cap):
     ep = send_counts.shape[0]
     me = jax.lax.axis_index("expert")
     input_offsets = (jnp.arange(ep) * cap).astype(jnp.int32)
@@ -119,14 +142,32 @@ def _ragged_exchange(operand, send_counts, cap):
                                      axis_name="expert")
 
 
+def _batchable_exchange(operand, send_counts, cap):
+    """ragged_all_to_all has no batching rule (jax 0.10: an AssertionError under vmap). Under the pipeline's
+    vmap over stages each device holds one stage's slice, so a batch is unstacked and exchanged slice by slice
+    (one slice per device in practice)."""
+    @jax.custom_batching.custom_vmap
+    def f(x, counts):
+        return _ragged_a2a(x, counts, cap)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, x, counts):
+        x, counts = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                     for a, b in zip((x, counts), in_batched))
+        return jnp.stack([f(x[i], counts[i]) for i in range(axis_size)]), True
+
+    return f(operand, send_counts)
+
+
 def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | None = None,
                      drop_policy: str = "probs"):
     """A `dispatch(x [B, T, H], idx, w [B, T, k], wi, wo, opts)` for moe_mlp that runs the experts expert-parallel over `mesh`."""
+    platform = mesh.devices.flat[0].platform  # the target's, not the running backend's (jaxmoe.aot)
     if transport == "auto":
-        transport = "ragged" if jax.default_backend() == "gpu" else "all_to_all"
+        transport = "ragged" if platform == "gpu" else "all_to_all"
     if transport not in ("all_to_all", "ragged"):
         raise ValueError(f"--moe_transport {transport!r}: choose auto, all_to_all or ragged")
-    if transport == "ragged" and jax.default_backend() == "cpu":
+    if transport == "ragged" and platform == "cpu":
         raise ValueError("--moe_transport ragged needs a GPU (XLA:CPU cannot compile ragged_all_to_all); "
                          "use all_to_all")
     # tokens [B, T, ...]: rows over data/expert, positions over sequence/tensor (a dim never mixes axes that
@@ -147,4 +188,5 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
                                            for k, v in lora.items()}
         return shard_map_rest(fn, mesh, (tok, tok, tok, wspec, wspec, lspec), tok)(x, idx, w, wi, wo, lora)
 
+    dispatch.transport = transport
     return dispatch

@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig, load_model_config
-from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.params import init_params, init_state
 from jaxmoe.train import checkpoint as ckpt_lib
 from jaxmoe.train.args import TrainConfig
-from jaxmoe.train.loss import LossOptions
-from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import init_train_state, make_eval_step, make_train_step
+from jaxmoe.train.build import build_step, micro_batches, model_options  # noqa: F401 (model_options: tests)
+from jaxmoe.train.step import init_train_state
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "data")
 
@@ -37,15 +35,6 @@ def resolve_model(t: TrainConfig) -> tuple[ModelConfig, str | None, str | None]:
     hf = t.load if _is_hf_dir(t.load) else (t.model if _is_hf_dir(t.model) else None)
     c = load_model_config(hf or t.model)
     return c, hf, None
-
-
-def model_options(t: TrainConfig) -> ModelOptions:
-    remat = t.recompute_granularity or "none"
-    kernels = t.kernels
-    if kernels == "auto" and jax.default_backend() == "cpu":
-        kernels = "reference"  # Pallas kernels run in interpret mode only, far too slow for training on CPU
-    return ModelOptions(compute_dtype=t.dtype, kernels=kernels, remat=remat,
-                        remat_modules=tuple(t.recompute_modules))
 
 
 def build_data(t: TrainConfig, c: ModelConfig, hf_dir: str | None, shard_index: int, shard_count: int, log):
@@ -109,7 +98,7 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
         raise ConfigError(f"--mtp_num_layers {t.mtp_num_layers}: the model has only {c.num_nextn_predict_layers} "
                           "MTP layers")
     par = build_parallel(t, c)  # validates the mesh before anything is compiled
-    opts = model_options(t)
+    micro_batches(t, par)
     from jaxmoe.lora.train import PartialTraining
     ptrain = PartialTraining.from_train_config(t, c)  # LoRA / frozen parameters: train state = trainable part only
     is_main = jax.process_index() == 0
@@ -124,14 +113,8 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     # Each process loads only the rows of every global batch that its own devices hold.
     train, valid = build_data(t, c, hf_dir, *par.process_batch_shard(), log)
     train_iters = t.train_iters or (t.max_epochs or 1) * train.steps_per_epoch
-    optimizer = make_optimizer(t, train_iters)
-    schedule = lr_schedule(t, train_iters)
-    num_micro = t.global_batch_size // (t.micro_batch_size * par.data_parallel_size)
-    if num_micro * t.micro_batch_size * par.data_parallel_size != t.global_batch_size:
-        raise ConfigError(f"--global_batch_size {t.global_batch_size} must be a multiple of --micro_batch_size "
-                          f"({t.micro_batch_size}) x data-parallel size ({par.data_parallel_size})")
-    mtp_layers = c.num_nextn_predict_layers if t.mtp_num_layers is None else t.mtp_num_layers
-    lo = LossOptions(mtp_layers=mtp_layers, mtp_scale=t.mtp_loss_scaling_factor, aux_coeff=t.moe_aux_loss_coeff)
+    built = build_step(t, c, par, train_iters)
+    optimizer, num_micro = built.optimizer, built.num_micro
 
     # ---- state: init, HF weights, or checkpoint ---------------------------------------------------------
     iteration, consumed = 0, 0
@@ -171,17 +154,7 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
                 train.set_state(data_state)
             log(f"> resumed from {resume_dir} at iteration {iteration}")
 
-    hooks = par.step_hooks()
-    combine_eval = None
-    if ptrain is not None:
-        cp, gt, combine, combine_eval = ptrain.make_hooks(par)
-        hooks.update(compute_params=cp, grad_transform=gt, combine=combine,
-                     param_shardings=ptrain.compute_shardings(par), frozen_shardings=par.param_shardings)
-    bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
-    step_fn = jax.jit(make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate,
-                                      **hooks), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval, par=par,
-                                     num_micro=num_micro))
+    step_fn, eval_fn = built.step, built.eval
     put = par.put_batch
 
     tb = t.tensorboard_dir or (os.path.join(t.save, "runs") if t.save else None)

@@ -1,0 +1,121 @@
+"""The one builder of the train and eval steps, used by the trainer (train/loop.py), the benchmarks
+(jaxmoe.perf.TrainStep) and the ahead-of-time GPU compiler (jaxmoe.aot), so all three run the same program.
+
+    built = build_step(t, c, par, train_iters)        # full training, LoRA or frozen parameters
+    built.step(train_state, batch, frozen)            # jitted, train state donated
+    built.abstract_state(), built.abstract_frozen()   # sharded shape structs: compile without weights
+
+The target platform comes from the mesh's devices, not from the running backend: on compile-only GPU devices
+(jaxmoe.aot) the step is built exactly as on a GPU (Pallas kernels compiled, the ragged expert exchange).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model.options import ModelOptions
+from jaxmoe.train.args import TrainConfig
+from jaxmoe.train.loss import LossOptions
+from jaxmoe.train.optimizer import lr_schedule, make_optimizer
+from jaxmoe.train.step import init_train_state, make_eval_step, make_train_step
+
+
+def mesh_platform(par) -> str:
+    """'gpu' or 'cpu': the platform of the devices the step is compiled for."""
+    return par.mesh.devices.flat[0].platform
+
+
+def model_options(t: TrainConfig, platform: str | None = None) -> ModelOptions:
+    """ModelOptions of a run; `platform` (default: the running backend) decides what `--kernels auto` means."""
+    platform = platform or jax.default_backend()
+    kernels = t.kernels
+    if kernels == "auto" and platform == "cpu":
+        kernels = "reference"  # Pallas kernels run in interpret mode only, far too slow for training on CPU
+    return ModelOptions(compute_dtype=t.dtype, kernels=kernels, remat=t.recompute_granularity or "none",
+                        remat_modules=tuple(t.recompute_modules), platform=platform)
+
+
+def micro_batches(t: TrainConfig, par) -> int:
+    """Micro-batches per step and data rank; the global batch must split evenly."""
+    dp = par.data_parallel_size
+    n = t.global_batch_size // (t.micro_batch_size * dp)
+    if n * t.micro_batch_size * dp != t.global_batch_size:
+        raise ConfigError(f"--global_batch_size {t.global_batch_size} must be a multiple of --micro_batch_size "
+                          f"({t.micro_batch_size}) x data-parallel size ({dp})")
+    return n
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    t: TrainConfig
+    c: ModelConfig
+    par: Any  # parallel.setup.Parallel
+    opts: ModelOptions
+    lo: LossOptions
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    num_micro: int
+    ptrain: Any  # lora.train.PartialTraining or None (full training)
+    step_fn: Callable  # the un-jitted step(train_state, batch, frozen=None)
+    eval_fn: Callable  # the un-jitted eval(params, model_state, batch, frozen=None)
+
+    @functools.cached_property
+    def step(self):
+        return jax.jit(self.step_fn, donate_argnums=0)
+
+    @functools.cached_property
+    def eval(self):
+        return jax.jit(self.eval_fn)
+
+    def state_shardings(self):
+        if self.ptrain is None:
+            return self.par.state_shardings(self.optimizer)
+        return self.ptrain.state_shardings(self.par, self.optimizer)
+
+    def abstract_state(self):
+        """The train state as sharded shape structs (nothing allocated)."""
+        from jaxmoe.model.params import init_params, init_state
+        if self.ptrain is None:
+            trainable = lambda: init_params(self.c, jax.random.key(0))
+        else:
+            trainable = lambda: self.ptrain.init_trainable(
+                jax.eval_shape(lambda: init_params(self.c, jax.random.key(0), self.t.dtype)), jax.random.key(0))
+        shapes = jax.eval_shape(lambda: init_train_state(trainable(), init_state(self.c), self.optimizer))
+        # state_shardings is a prefix tree (one sharding for the whole model_state dict)
+        return jax.tree.map(lambda sh, sub: jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub), self.state_shardings(), shapes)
+
+    def abstract_frozen(self):
+        """The frozen base of partial training (compute dtype, TP/EP layout) as shape structs; None for full."""
+        if self.ptrain is None:
+            return None
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.opts.dtype, sharding=sh),
+                            self.par.param_shapes, self.par.param_shardings)
+
+
+def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int) -> BuiltStep:
+    from jaxmoe.lora.train import PartialTraining
+
+    opts = model_options(t, mesh_platform(par))
+    ptrain = PartialTraining.from_train_config(t, c)
+    optimizer = make_optimizer(t, train_iters)
+    schedule = lr_schedule(t, train_iters)
+    num_micro = micro_batches(t, par)
+    mtp_layers = c.num_nextn_predict_layers if t.mtp_num_layers is None else t.mtp_num_layers
+    lo = LossOptions(mtp_layers=mtp_layers, mtp_scale=t.mtp_loss_scaling_factor, aux_coeff=t.moe_aux_loss_coeff)
+    hooks = par.step_hooks()
+    combine_eval = None
+    if ptrain is not None:
+        cp, gt, combine, combine_eval = ptrain.make_hooks(par)
+        hooks.update(compute_params=cp, grad_transform=gt, combine=combine,
+                     param_shardings=ptrain.compute_shardings(par), frozen_shardings=par.param_shardings)
+    bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
+    step_fn = make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate, **hooks)
+    eval_fn = make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval, par=par, num_micro=num_micro)
+    return BuiltStep(t, c, par, opts, lo, optimizer, schedule, num_micro, ptrain, step_fn, eval_fn)

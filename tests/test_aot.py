@@ -1,0 +1,58 @@
+"""The AOT tool's CPU-testable parts: the CUDA-plugin error, replica-group placement, the roofline. Its GPU
+compiles run in tests_gpu/ (CUDA-wheel venv)."""
+import subprocess
+import sys
+
+import pytest
+
+from jaxmoe import aot, perf
+from jaxmoe.config import get_preset
+
+
+def test_without_cuda_wheels_one_error_names_the_install_command():
+    p = subprocess.run([sys.executable, "-m", "jaxmoe.aot", "--gpus", "8", "--mesh", "tp=2"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and "pip install -e '.[cuda12]'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_gpus_must_fill_whole_hosts():
+    with pytest.raises(aot.AotError, match="--gpus 12: must be a positive multiple of --gpus_per_host 8"):
+        aot.gpu_devices(aot.GPUS["h100"], 12)
+
+
+@pytest.mark.parametrize("attrs, n, groups", [
+    ("replica_groups={{0,1},{2,3}}, dimensions={0}", 4, [[0, 1], [2, 3]]),
+    ("replica_groups={}, to_apply=%add", 4, [[0, 1, 2, 3]]),
+    ("replica_groups=[2,4]<=[8], to_apply=%add", 8, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=[2,4]<=[4,2]T(1,0), to_apply=%add", 8, [[0, 2, 4, 6], [1, 3, 5, 7]]),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=4] {'axis_0'}, use_global_device_ids=true", 16,
+     [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]),
+    ("replica_groups=mesh['a'=2,'b'=2,'c'=2] {'a','c'}, x", 8, [[0, 1, 4, 5], [2, 3, 6, 7]]),
+])
+def test_replica_groups(attrs, n, groups):
+    assert perf.replica_groups(attrs, n) == groups
+    assert perf._group_size(attrs, n) == len(groups[0])
+
+
+def test_roofline_places_groups_on_nvlink_or_infiniband():
+    gpu = aot.GPUS["h100"]
+    inside = {"kind": "all-reduce", "wire_bytes": 45e9, "attrs": "replica_groups=[2,8]<=[16], to_apply=%a"}
+    across = {"kind": "all-reduce", "wire_bytes": 5e9, "attrs": "replica_groups=[8,2]<=[2,8]T(1,0), to_apply=%a"}
+    r = aot.roofline(989e12, [inside, across], gpu, per_host=8, mfu=0.5, link_efficiency=1.0)
+    assert r["compute_s"] == pytest.approx(2.0)
+    assert r["nvlink_wire_bytes"] == 45e9 and r["ib_wire_bytes"] == 5e9
+    assert r["comm_s"] == pytest.approx(45e9 / 450e9 + 5e9 / 50e9)
+    assert r["serial_s"] == pytest.approx(2.2) and r["overlapped_s"] == pytest.approx(2.0)
+
+
+def test_model_flops_full_is_three_forwards_and_lora_two():
+    from jaxmoe.flops import forward_flops_per_token
+    from jaxmoe.train.args import parse_args
+    c = get_preset("tiny")
+    full = parse_args(["--max_length", "64", "--global_batch_size", "4"])
+    lora = parse_args(["--max_length", "64", "--global_batch_size", "4", "--train_type", "lora"])
+    fwd = forward_flops_per_token(c, 64) * 4 * 64
+    assert aot.model_flops_per_step(full, c) == pytest.approx(3 * fwd)
+    assert aot.model_flops_per_step(lora, c) == pytest.approx(2 * fwd)
