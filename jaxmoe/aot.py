@@ -249,6 +249,8 @@ def run(argv: list[str] | None = None, out=sys.stdout) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from jaxmoe.mesh import MeshError
+    # the running backend only traces; on a GPU box too (the devices are the simulated ones)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         run(argv)
     except (AotError, ConfigError, MeshError) as e:
