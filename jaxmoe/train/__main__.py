@@ -5,6 +5,17 @@ import sys
 from jaxmoe.config import ConfigError
 
 
+def _skip_closed_loop_noise() -> None:
+    """After a save fails, orbax closes its event loop and tensorstore's late completions each report a
+    'RuntimeError: Event loop is closed' traceback as unraisable; the save error itself is reported once."""
+    def noise(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    hook, unraisable = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda typ, value, tb: None if noise(value) else hook(typ, value, tb)
+    sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
+
+
 def main(argv=None) -> int:
     from jaxmoe.train.args import parse_args
     from jaxmoe.train.checkpoint import SaveError
@@ -31,4 +42,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _skip_closed_loop_noise()
     sys.exit(main())
