@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any
 
-import jax
 
 from jaxmoe import perf
 from jaxmoe.config import ConfigError

@@ -542,7 +542,7 @@ def load_bench_config(path: str, flags: list[str] | None = None, small: bool = F
         os.unlink(f.name)
     if force:
         t = dataclasses.replace(t, **force).validate()
-    c, _, _ = resolve_model(t)
+    c, _, _, _ = resolve_model(t)
     if overrides:
         c = c.replace(**overrides).validate(f"{path}: model_overrides")
     return t, c

@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxmoe.model.params import init_params, init_state
 from jaxmoe.parallel.setup import build_parallel
-from jaxmoe.train.loop import model_options
+from jaxmoe.train.build import model_options
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
 from jaxmoe.train.step import init_train_state, make_train_step

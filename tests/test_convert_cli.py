@@ -43,6 +43,13 @@ def assert_same(a: dict, b: dict):
         np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8), err_msg=k)
 
 
+def glm45(cfg, hf: dict) -> dict:
+    """`hf` as GLM-4.5 releases it: plus the MTP layers' copies of the embedding / lm_head, which every
+    converter to HF writes."""
+    from jaxmoe.convert.hf_params import mtp_duplicate_keys
+    return {**hf, **{copy: hf[main] for copy, main in mtp_duplicate_keys(cfg).items()}}
+
+
 def cli(*args) -> int:
     return main([str(a) for a in args] + ["--quiet"])
 
@@ -75,14 +82,14 @@ def test_hf_mcore_hf_bit_identical(cfg, hf, hf_dir, tmp_path):
     assert (args.tensor_model_parallel_size, args.expert_model_parallel_size, args.padded_vocab_size) == (2, 2, 256)
     out = tmp_path / "back"
     assert cli("mcore-to-hf", "--input", mc, "--output", out, "--max_shard_size", "50KB") == 0
-    assert_same(hf, read_all(out))
+    assert_same(glm45(cfg, hf), read_all(out))
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
     assert ModelConfig.from_json_file(out / "config.json") == cfg
     # bf16 on the way: cast once, then bit-exact
     assert cli("hf-to-mcore", "--input", hf_dir, "--output", tmp_path / "mc16", "--dtype", "bfloat16") == 0
     assert cli("mcore-to-hf", "--input", tmp_path / "mc16", "--output", tmp_path / "back16") == 0
     got = read_all(tmp_path / "back16")
-    want = {k: v if "e_score" in k else v.astype(ml_dtypes.bfloat16) for k, v in hf.items()}
+    want = {k: v if "e_score" in k else v.astype(ml_dtypes.bfloat16) for k, v in glm45(cfg, hf).items()}
     assert_same(want, got)
 
 
@@ -93,7 +100,7 @@ def test_hf_orbax_mcore_hf_bit_identical(cfg, hf, hf_dir, tmp_path):
     assert cli("orbax-to-mcore", "--input", orb, "--output", tmp_path / "mc", "--save_iteration", "3") == 0
     assert os.path.isdir(tmp_path / "mc" / "iter_0000003")
     assert cli("mcore-to-hf", "--input", tmp_path / "mc", "--output", tmp_path / "back") == 0
-    assert_same(hf, read_all(tmp_path / "back"))
+    assert_same(glm45(cfg, hf), read_all(tmp_path / "back"))
     # orbax-to-hf directly: the MTP embedding / head copies come out as GLM-4.5 lays them out
     assert cli("orbax-to-hf", "--input", orb / "0", "--output", tmp_path / "hf2") == 0
     got = read_all(tmp_path / "hf2")
@@ -122,7 +129,7 @@ def test_mcore_to_orbax_and_legacy_and_reshard(cfg, hf, hf_dir, tmp_path):
     cfg.save_json(tmp_path / "cfg.json")
     assert cli("legacy-to-hf", "--input", tmp_path / "legacy", "--output", tmp_path / "lg", "--config",
                tmp_path / "cfg.json") == 0
-    assert_same(hf, read_all(tmp_path / "lg"))
+    assert_same(glm45(cfg, hf), read_all(tmp_path / "lg"))
     # hf-reshard: bf16, small shards, tokenizer files kept
     assert cli("hf-reshard", "--input", hf_dir, "--output", tmp_path / "rs", "--dtype", "bfloat16",
                "--max_shard_size", "30KB") == 0
@@ -132,6 +139,36 @@ def test_mcore_to_orbax_and_legacy_and_reshard(cfg, hf, hf_dir, tmp_path):
         assert got[k].dtype == (np.float32 if "e_score" in k else ml_dtypes.bfloat16)
         np.testing.assert_array_equal(got[k], v.astype(got[k].dtype), err_msg=k)
     assert os.path.isfile(tmp_path / "rs" / "tokenizer_config.json")
+
+
+def test_mcore_local_layer_spec_keys(cfg, hf, hf_dir, tmp_path, monkeypatch, capsys):
+    """Megatron's local (non-TE) layer spec saves every layer's pre-MLP norm, a MoE layer's too, under
+    `mlp.linear_fc1.layer_norm_weight` (gpt_layer_specs.py: sharded_state_dict_keys_map "pre_mlp_layernorm." ->
+    "mlp.linear_fc1.layer_norm_"); mcore-to-hf reads either name."""
+    import jaxmoe.convert.mcore_dist as md
+    specs = md.mcore_layer_specs
+
+    def local(c, layer):
+        return [s._replace(key=s.key.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
+                for s in specs(c, layer)]
+
+    monkeypatch.setattr(md, "mcore_layer_specs", local)
+    assert cli("hf-to-mcore", "--input", hf_dir, "--output", tmp_path / "mc") == 0
+    monkeypatch.undo()
+    keys = md.McoreDistReader(str(tmp_path / "mc")).tensor_keys()
+    moe = cfg.first_k_dense_replace
+    assert f"decoder.layers.{moe}.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not [k for k in keys if "pre_mlp_layernorm" in k]
+    assert cli("mcore-to-hf", "--input", tmp_path / "mc", "--output", tmp_path / "back") == 0
+    assert_same(glm45(cfg, hf), read_all(tmp_path / "back"))
+    # neither name: the error names both
+    monkeypatch.setattr(md, "mcore_layer_specs", lambda c, layer: [s for s in specs(c, layer)
+                                                                  if "pre_mlp_layernorm" not in s.key])
+    assert cli("hf-to-mcore", "--input", hf_dir, "--output", tmp_path / "mc2") == 0
+    monkeypatch.undo()
+    err = _bad(capsys, "mcore-to-hf", "--input", tmp_path / "mc2", "--output", tmp_path / "back2")
+    assert (f"missing tensor `decoder.layers.{moe}.pre_mlp_layernorm.weight` (or "
+            f"`decoder.layers.{moe}.mlp.linear_fc1.layer_norm_weight`)") in err
 
 
 @pytest.mark.parametrize("name", ["tiny", "glm4.5-air", "glm4.5"])

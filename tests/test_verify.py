@@ -27,6 +27,9 @@ def model_dirs(tmp_path_factory):
                  ["hf-to-mcore", "--input", hf, "--output", d / "mc"],
                  ["hf-to-orbax", "--input", corrupt, "--output", d / "orb_bad"]):
         assert main([str(a) for a in args] + ["--quiet"]) == 0
+    shutil.copytree(d / "orb", d / "run")  # a training run's root: step dirs beside config.json and args.json
+    shutil.copy(d / "hf" / "config.json", d / "run")
+    (d / "run" / "args.json").write_text("{}")
     return d
 
 
@@ -34,7 +37,7 @@ def verify(*args) -> int:
     return main(["verify"] + [str(a) for a in args])
 
 
-@pytest.mark.parametrize("kind", ["orb", "mc"])
+@pytest.mark.parametrize("kind", ["orb", "mc", "run"])
 def test_verify_passes_on_converted(model_dirs, kind, capsys):
     d = model_dirs
     assert verify("--hf", d / "hf", "--jaxmoe", d / kind, "--prompts", "2", "--seq_len", "12") == 0

@@ -214,6 +214,18 @@ def check_output(path: str, kind: str) -> None:
 
 
 # ---- outputs ------------------------------------------------------------------------------------------
+def with_mtp_copies(items, copies: dict[str, str]):
+    """(key, array) pairs plus GLM-4.5's MTP copies of the embedding / lm_head (`copies`: copy key -> main
+    key), which the released checkpoints carry and serving engines load for MTP."""
+    of_main: dict[str, list[str]] = {}
+    for copy, main in copies.items():
+        of_main.setdefault(main, []).append(copy)
+    for k, a in items:
+        yield k, a
+        for copy in of_main.get(k, ()):
+            yield copy, a
+
+
 def write_hf(out: str, cfg: ModelConfig, manifest: list, items, ns, tokenizer_src: str | None = None) -> str:
     """Stream (key, array) pairs into a HF dir with config.json and tokenizer files; all or nothing."""
     from jaxmoe.convert.safetensors_io import HFCheckpointWriter
@@ -323,8 +335,11 @@ def run(ns) -> str:
         from jaxmoe.convert.mcore_dist import _NP_OF_TORCH
         dt = dtype or np.dtype(_NP_OF_TORCH[r._tmeta("embedding.word_embeddings.weight").properties.dtype])
         mtp = cfg.num_nextn_predict_layers > 0
-        manifest = hf_manifest(cfg, dt, mtp, mtp_shared=False)
-        return write_hf(out, cfg, manifest, ((k, get(k)) for k, _, _ in manifest), ns)
+        manifest = hf_manifest(cfg, dt, mtp, mtp_shared=mtp)
+        from jaxmoe.convert.hf_params import mtp_duplicate_keys
+        copies = mtp_duplicate_keys(cfg) if mtp else {}
+        return write_hf(out, cfg, manifest, with_mtp_copies(((k, get(k)) for k, _, _ in manifest if k not in copies),
+                                                            copies), ns)
     if d.startswith("orbax-"):
         r = open_orbax(src, ns)
         cfg = r.cfg
@@ -349,7 +364,9 @@ def run(ns) -> str:
         dt = dtype or np.dtype(_NP_OF_TORCH[emb.dtype])
         mtp = has_mtp and not ns.no_mtp
         out_cfg = cfg if mtp else cfg.replace(num_nextn_predict_layers=0)
-        return write_hf(out, out_cfg, hf_manifest(cfg, dt, mtp, mtp_shared=False), r.iter_hf(cfg), ns)
+        from jaxmoe.convert.hf_params import mtp_duplicate_keys
+        return write_hf(out, out_cfg, hf_manifest(cfg, dt, mtp, mtp_shared=mtp),
+                        with_mtp_copies(r.iter_hf(cfg), mtp_duplicate_keys(cfg) if mtp else {}), ns)
     raise ConfigError(f"unknown direction {d!r}")
 
 

@@ -57,6 +57,8 @@ _NP_OF_TORCH = {torch.float32: np.float32, torch.float16: np.float16, torch.floa
                 torch.bfloat16: ml_dtypes.bfloat16, torch.int64: np.int64, torch.int32: np.int32,
                 torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_}
 _TORCH_OF_NP = {np.dtype(v): k for k, v in _NP_OF_TORCH.items()}
+# key suffix jaxmoe expects -> the suffix a checkpoint saved with Megatron's local layer spec uses instead
+_LOCAL_SPEC_KEYS = {"pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -178,8 +180,17 @@ class McoreDistReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tmeta(key).size)
 
+    def _key(self, key: str) -> str:
+        """The stored name of `key`: Megatron's local (non-TE) layer spec saves a MoE layer's pre-MLP norm under
+        the TE name of the dense MLP's fused norm (its sharded_state_dict_keys_map)."""
+        keys = self.metadata.state_dict_metadata
+        for suffix, local in _LOCAL_SPEC_KEYS.items():
+            if key not in keys and key.endswith(suffix) and key[:-len(suffix)] + local in keys:
+                return key[:-len(suffix)] + local
+        return key
+
     def _tmeta(self, key: str) -> TensorStorageMetadata:
-        md = self.metadata.state_dict_metadata.get(key)
+        md = self.metadata.state_dict_metadata.get(self._key(key))
         if not isinstance(md, TensorStorageMetadata):
             raise CheckpointError(f"{self.dir}: no tensor `{key}` in the checkpoint")
         return md
@@ -193,7 +204,7 @@ class McoreDistReader:
 
     def read(self, key: str, offsets=None, sizes=None) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of tensor `key`, reading only overlapping chunks."""
-        md = self._tmeta(key)
+        md, key = self._tmeta(key), self._key(key)
         full = tuple(md.size)
         offsets = tuple(offsets or (0,) * len(full))
         sizes = tuple(sizes or full)
@@ -254,8 +265,10 @@ class McoreDistReader:
         groups.append([s for s in mcore_global_specs(cfg, pv) if not s.key.startswith("embedding")])
         for group in groups:
             for s in group:
-                if s.key not in keys:
-                    raise CheckpointError(f"{self.dir}: missing tensor `{s.key}` (shape {list(s.shape)}) "
+                if self._key(s.key) not in keys:
+                    alt = "".join(f" (or `{s.key[:-len(a)] + b}`)" for a, b in _LOCAL_SPEC_KEYS.items()
+                                  if s.key.endswith(a))
+                    raise CheckpointError(f"{self.dir}: missing tensor `{s.key}`{alt} (shape {list(s.shape)}) "
                                           "that the model config requires; wrong config "
                                           "(num_hidden_layers / first_k_dense_replace / use_qk_norm / "
                                           "attention_bias / num_nextn_predict_layers?)")

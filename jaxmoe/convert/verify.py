@@ -63,7 +63,8 @@ def hf_logits(hf_dir: str, ids: list[np.ndarray]) -> list[np.ndarray]:
 def jaxmoe_params(src: str, hf_cfg: ModelConfig, ns):
     """(params, state, cfg) of SRC in fp32, whichever format it is."""
     from jaxmoe.convert.hf_params import params_from_hf
-    if os.path.isfile(os.path.join(src, "config.json")) and not os.path.isfile(os.path.join(src, "metadata.json")):
+    is_file = lambda f: os.path.isfile(os.path.join(src, f))  # noqa: E731
+    if is_file("config.json") and not is_file("metadata.json") and not is_file("args.json"):  # args: a training run
         from jaxmoe.hf import load_pretrained
         m = load_pretrained(src, dtype="float32")
         return m.params, m.state, m.config

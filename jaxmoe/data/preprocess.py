@@ -189,6 +189,9 @@ def preprocess(inputs: list[str], json_keys: list[str], tokenizer: str, output_p
                 result.documents += int(next(iter(per_key.values()))[1].size)
                 bar.update(nbytes)
                 bar.set_postfix(docs=result.documents, tokens=result.tokens, refresh=False)
+        if not result.documents:  # an empty dataset would only fail later, in training
+            why = f"all {len(result.bad_lines)} lines were bad" if result.bad_lines else "the input is empty"
+            raise PreprocessError(f"no documents in {', '.join(inputs)} ({why}); nothing written")
     except BaseException:
         for k, b in builders.items():  # no half-written dataset is left behind
             b._file.close()

@@ -97,12 +97,17 @@ def read_jsonl(paths: str | Sequence[str]) -> list[Row]:
     for path in paths:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise DataError(f"{path}: dataset file not found; check --dataset (comma-separated jsonl paths)")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+            raise DataError(f"{path}: dataset file not found; check --dataset (space-separated jsonl paths)")
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start} of the line); save the file "
+                                    "as UTF-8") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:

@@ -95,12 +95,14 @@ def add_merge_lora_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=("hf", "mcore", "peft"),
                    help="hf: merged safetensors; mcore: merged torch_dist; peft: adapters only (PEFT dir)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
-                   help="dtype of the merged weights (hf, mcore outputs); router biases stay fp32")
+                   help="dtype of the merged weights (hf, mcore outputs); router biases stay fp32. bfloat16 rounds "
+                        "the merged weights; float32 keeps them as merged")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     return p
 
 
 def merge_lora_cli(args) -> str:
     out = write_merged(args.adapter, args.output, args.format, args.model, args.dtype, args.step)
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" ({args.dtype} weights; --dtype float32 keeps full precision)"
+                            if args.format != "peft" and args.dtype != "float32" else ""))
     return out

@@ -100,7 +100,8 @@ class Parallel:
         over processes (1 when every process holds the whole batch, e.g. tp spanning processes)."""
         dp = self.data_parallel_size
         rows = sorted({(s[0].start or 0, dp if s[0].stop is None else s[0].stop)
-                       for s in self.batch_sharding().addressable_devices_indices_map((dp, 1)).values()})
+                       for s in self.batch_sharding().addressable_devices_indices_map(
+                           (dp, self.mesh.devices.size)).values()})  # a length every axis splitting it divides
         lo = hi = rows[0][0]
         for a, b in rows:
             if a > hi:

@@ -117,6 +117,12 @@ class TrainConfig:
     no_save_optim: bool = _f(False, "Save weights only (no optimizer state): smaller, not exactly resumable.")
     load: str | None = _f(None, "Resume from this checkpoint dir (or start from a HF dir's weights).")
     finetune: bool = _f(False, "With --load: take weights only and restart at step 0 with a fresh optimizer.")
+    overwrite: bool = _f(False, "Start a new run in a --save dir that holds another run's checkpoints: delete them "
+                                "(metrics.jsonl and args.json are kept under versioned names).")
+    no_load_data_state: bool = _f(False, "Resume a checkpoint that lacks its data-loader state: restart the data "
+                                         "order from the beginning instead of stopping with an error.")
+    exit_signal_handler: bool = _f(True, "On SIGTERM / SIGINT finish the current step, save, and exit 0 "
+                                         "(Megatron --exit_signal_handler); false: the default signal action.")
     log_interval: int = _f(1, "Print a log line every N steps.")
     tensorboard_dir: str | None = _f(None, "TensorBoard event dir (default: <save>/runs when --save is set).")
     async_save: bool = _f(True, "Write checkpoints in the background.")
@@ -152,9 +158,11 @@ class TrainConfig:
             bad("split_dataset_ratio", "must be in [0, 1)")
         if self.finetune and not self.load:
             bad("finetune", "needs --load (the checkpoint or HF dir whose weights to start from)")
-        if self.load and not os.path.isdir(self.load):
-            bad("load", f"{self.load!r} is not a directory")
+        if self.load and not os.path.isdir(self.load) and not _same_dir(self.load, self.save):
+            bad("load", f"{self.load!r} is not a directory (a --load equal to --save may be empty: first launch)")
         for f in self.dataset:
+            if os.path.isdir(f):
+                bad("dataset", f"{f!r} is a directory; pass the jsonl file(s) inside it")
             if not os.path.isfile(f):
                 bad("dataset", f"{f!r} does not exist")
         if self.task == "sft" and self.data_path:
@@ -220,11 +228,13 @@ def parse_args(argv=None) -> TrainConfig:
 
 def load_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        d = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
     except FileNotFoundError:
         raise ConfigError(f"--config {path!r}: no such file") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of flag: value")
@@ -232,6 +242,56 @@ def load_yaml(path: str) -> dict:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; run `python -m jaxmoe.train --help` for the flags")
-    if isinstance(d.get("dataset"), str):
-        d["dataset"] = [d["dataset"]]
-    return d
+    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+    return {k: _typed(k, v, f"{path}:{lines.get(k, '?')}: {k}") for k, v in d.items()}
+
+
+def _typed(name: str, v: Any, where: str) -> Any:
+    """A YAML value with the type, choices and parsing of its flag: `lr: 1e-3` (a string to YAML 1.1) is 0.001,
+    `packing: "false"` is False, `train_iters: 2.5` and `micro_batch_size: null` are errors."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    t = str(get_type_hints(TrainConfig)[name])
+    base = "bool" if "bool" in t else "list" if "list" in t else "int" if "int" in t else \
+        "float" if "float" in t else "str"
+
+    def bad(expected):
+        raise ConfigError(f"{where}: expected {expected}, got {v!r}")
+
+    if v is None:
+        if "None" not in t:
+            raise ConfigError(f"{where}: expected a value ({base}), got null; delete the key for the default "
+                              f"{field.default!r}")
+        return None
+    if base == "bool":
+        if isinstance(v, bool):
+            return v
+        try:
+            return _parse_bool(v) if isinstance(v, (str, int)) else bad("true or false")
+        except argparse.ArgumentTypeError:
+            bad("true or false")
+    if isinstance(v, bool) or isinstance(v, (dict, list)) and base != "list":
+        bad(f"{'an integer' if base == 'int' else 'a number' if base == 'float' else 'a string'}")
+    if base == "list":
+        items = v.split() if isinstance(v, str) else v if isinstance(v, list) else bad("a list of strings")
+        if any(isinstance(x, (dict, list, bool)) or x is None for x in items):
+            bad("a list of strings")
+        return [str(x) for x in items]
+    if base == "int":
+        if isinstance(v, float) or isinstance(v, str) and not v.strip().lstrip("+-").replace("_", "").isdigit():
+            bad("an integer")
+        v = int(v)
+    elif base == "float":
+        try:
+            v = float(v)
+        except ValueError:
+            bad("a number (e.g. 1e-4)")
+    else:
+        v = str(v)
+    choices = [c for c in field.metadata.get("choices", ()) if c is not None]
+    if choices and v not in choices:
+        bad(f"one of {', '.join(map(str, choices))}")
+    return v
+
+
+def _same_dir(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.abspath(a) == os.path.abspath(b)

@@ -15,7 +15,6 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxmoe.config import ConfigError, ModelConfig

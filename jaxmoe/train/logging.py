@@ -111,10 +111,23 @@ def _scalar(key: str, value: Any) -> float:
     return float(a)
 
 
-def _truncate_jsonl(path: str, start_iteration: int) -> tuple[int, dict | None]:
+def version_aside(path: str) -> str | None:
+    """Rename an existing file to the first free `name.N.ext` (never overwrite a run's record); -> new path."""
+    if not os.path.exists(path):
+        return None
+    base, ext = os.path.splitext(path)
+    k = 1
+    while os.path.exists(f"{base}.{k}{ext}"):
+        k += 1
+    os.replace(path, f"{base}.{k}{ext}")
+    return f"{base}.{k}{ext}"
+
+
+def _truncate_jsonl(path: str, start_iteration: int) -> tuple[int, dict | None, str | None]:
     """Keep records with iteration <= start_iteration (a crashed run may have logged past its checkpoint).
 
-    Returns (number of dropped records, last kept train record at exactly start_iteration or None).
+    Returns (number of dropped records, last kept train record at exactly start_iteration or None, the path the
+    full file was kept under when records were dropped).
     """
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -138,11 +151,12 @@ def _truncate_jsonl(path: str, start_iteration: int) -> tuple[int, dict | None]:
         kept.append(line)
         if rec["iteration"] == start_iteration and rec.get("split", "train") == "train":
             last_train = rec
+    aside = version_aside(path) if dropped else None  # the full file stays as metrics.N.jsonl
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in kept))
     os.replace(tmp, path)  # atomic: a crash here leaves the old or the new file, never half of one
-    return dropped, last_train
+    return dropped, last_train, aside
 
 
 class TrainLogger:
@@ -163,17 +177,18 @@ class TrainLogger:
         self._prev_totals: tuple[int, int] | None = (0, 0) if start_iteration == 0 else None
         self._reset_interval()
 
-        self._jsonl, dropped = None, 0
+        self._jsonl, dropped, kept = None, 0, None
         if save_dir is not None:
             os.makedirs(save_dir, exist_ok=True)
             path = os.path.join(save_dir, METRICS_FILE)
             if start_iteration > 0 and os.path.exists(path):
-                dropped, last = _truncate_jsonl(path, start_iteration)
+                dropped, last, aside = _truncate_jsonl(path, start_iteration)
                 if last is not None and "skipped_iters" in last and "nan_iters" in last:
                     self._prev_totals = (int(last["skipped_iters"]), int(last["nan_iters"]))
                 mode = "a"
             else:
-                mode = "w"  # a run from iteration 0 starts its own file
+                mode = "w"  # a run from iteration 0 starts its own file; an earlier run's is kept aside
+                kept = version_aside(path)
             self._jsonl = open(path, mode, encoding="utf-8")
         self._tb = EventWriter(tensorboard_dir) if tensorboard_dir is not None else None
 
@@ -187,7 +202,10 @@ class TrainLogger:
                              dynamic_ncols=True, desc="train")
         if dropped:
             self.info(f"{os.path.join(save_dir, METRICS_FILE)}: dropped {dropped} record(s) past iteration "
-                      f"{start_iteration} left by an earlier run")
+                      f"{start_iteration} left by an earlier run (the full file is kept as "
+                      f"{os.path.basename(aside)})")
+        if kept:
+            self.info(f"> kept the earlier {METRICS_FILE} as {os.path.basename(kept)}")
 
     # -- output primitives -------------------------------------------------------------------------
     def info(self, msg: str) -> None:

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig, load_model_config
 from jaxmoe.model.params import init_params, init_state
 from jaxmoe.train import checkpoint as ckpt_lib
 from jaxmoe.train.args import TrainConfig
-from jaxmoe.train.build import build_step, micro_batches, model_options  # noqa: F401 (model_options: tests)
+from jaxmoe.train.build import build_step, micro_batches
 from jaxmoe.train.step import init_train_state
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "data")
@@ -25,24 +29,137 @@ def _is_hf_dir(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def resolve_model(t: TrainConfig) -> tuple[ModelConfig, str | None, str | None]:
-    """-> (config, hf_dir to take weights from or None, orbax dir to resume from or None)."""
-    if t.load and ckpt_lib.is_checkpoint_dir(t.load):  # first: a --save dir also holds a config.json
-        return ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(t.load)), None, t.load
-    if t.load and not _is_hf_dir(t.load):
-        raise ConfigError(f"--load {t.load}: neither a jaxmoe checkpoint dir (<dir>/<step>/) nor a HF dir "
-                          "(config.json + safetensors)")
-    hf = t.load if _is_hf_dir(t.load) else (t.model if _is_hf_dir(t.model) else None)
+def _is_run_dir(path: str | None) -> bool:
+    """A jaxmoe --save dir (its config.json would otherwise make it look like a HF dir)."""
+    return bool(path) and (os.path.isfile(os.path.join(path, "args.json")) or bool(ckpt_lib.leftover_tmp_dirs(path)))
+
+
+def resolve_model(t: TrainConfig, log=print) -> tuple[ModelConfig, str | None, str | None, int | None]:
+    """-> (config, hf_dir to take weights from or None, orbax dir to resume from or None, its step)."""
+    step = ckpt_lib.pick_step(t.load, log) if t.load else None  # the newest intact step
+    if step is not None:  # first: a --save dir also holds a config.json
+        return ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(t.load, step)), None, t.load, step
+    load = t.load if _is_hf_dir(t.load) and not _is_run_dir(t.load) else None
+    if t.load and load is None:  # Megatron: no checkpoint under --load -> start from scratch, same command
+        if t.finetune:
+            raise ConfigError(f"--load {t.load}: holds no complete checkpoint (nor a HF model) to finetune from")
+        if os.path.isdir(t.load) and not _is_run_dir(t.load) and os.listdir(t.load):
+            raise ConfigError(f"--load {t.load}: neither a jaxmoe checkpoint dir (<dir>/<step>/) nor a HF dir "
+                              "(config.json + safetensors)")
+        log(f"warning: --load {t.load} holds no complete checkpoint; starting from scratch")
+    hf = load or (t.model if _is_hf_dir(t.model) else None)
     c = load_model_config(hf or t.model)
-    return c, hf, None
+    return c, hf, None, None
+
+
+def prepare_save_dir(t: TrainConfig, resume_dir: str | None, resume_step: int | None, log) -> None:
+    """--save must be writable, and must not hold another run's checkpoints unless this run resumes them or
+    --overwrite says to delete them. Checked before data loading and compilation."""
+    try:
+        os.makedirs(t.save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=t.save, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--save {t.save}: cannot write there ({e.strerror or e}); pass a writable dir") from None
+    tmp = ckpt_lib.leftover_tmp_dirs(t.save)
+    if tmp:
+        log(f"> --save {t.save}: removing {len(tmp)} unfinished save(s) of a killed run: {', '.join(tmp)}")
+        for name in (n for n in tmp if jax.process_index() == 0):
+            shutil.rmtree(os.path.join(t.save, name))
+    resumes = resume_dir is not None and not t.finetune and os.path.abspath(resume_dir) == os.path.abspath(t.save)
+    steps = ckpt_lib.complete_steps(t.save)
+    if resumes:  # steps newer than the one resumed failed verification: out of the way of this run's saves
+        for step in (s for s in steps if s > resume_step and jax.process_index() == 0):
+            dst = os.path.join(t.save, "damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(os.path.join(t.save, str(step)), dst)
+            log(f"> moved the damaged checkpoint {t.save}/{step} to {dst}")
+    elif steps and not t.overwrite:
+        raise ConfigError(f"--save {t.save}: holds checkpoints of another run (steps {', '.join(map(str, steps))}); "
+                          f"resume it with --load {t.save}, pass a new --save dir, or add --overwrite to delete them")
+    elif steps:
+        for step in (s for s in steps if jax.process_index() == 0):
+            shutil.rmtree(os.path.join(t.save, str(step)))
+        log(f"> --overwrite: deleted checkpoints {', '.join(map(str, steps))} of the earlier run in {t.save}")
+    if jax.process_count() > 1:  # every process sees the directory as process 0 left it
+        _coordinator().wait_at_barrier("jaxmoe_prepare_save_dir", _BARRIER_MS)
+
+
+_BARRIER_MS = 30 * 60 * 1000  # processes reach a barrier together (same steps); a first compile may lie between
+
+
+def _coordinator():
+    """jax.distributed's coordination service client: barriers and a key-value store that open no device
+    collectives (no extra gloo / NCCL communicators, nothing on the accelerators)."""
+    from jax._src.distributed import global_state
+    return global_state.client
+
+
+def write_run_files(t: TrainConfig, c: ModelConfig, hf_dir: str | None, log) -> None:
+    """args.json (an earlier, different one is kept as args.N.json), config.json and the tokenizer files, so
+    that orbax-to-hf and generate find everything in the --save dir."""
+    from jaxmoe.data.tokenizer import TINY_TOKENIZER_DIR
+    from jaxmoe.hf import TOKENIZER_FILES
+    from jaxmoe.train.logging import version_aside
+
+    args_path, args = os.path.join(t.save, "args.json"), json.loads(json.dumps(dataclasses.asdict(t), default=str))
+    if os.path.isfile(args_path):
+        with open(args_path) as f:
+            same = json.load(f) == args
+        if not same:
+            log(f"> kept the earlier args.json as {os.path.basename(version_aside(args_path))}")
+    ckpt_lib.dump_json(args_path, args)
+    c.save_json(os.path.join(t.save, "config.json"))
+    tok_src = tokenizer_dir(t, hf_dir) or TINY_TOKENIZER_DIR
+    for f in (f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tok_src, f))):
+        shutil.copy(os.path.join(tok_src, f), os.path.join(t.save, f))
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to stop after the current step (Megatron --exit_signal_handler); a second
+    signal acts at once (the default action). All processes of a job stop at the same step."""
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None
+        self._old = {}
+        self._checks = 0  # requested() runs equally often on every process: its calls name the barriers
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.signum is not None
+        client, self._checks = _coordinator(), self._checks + 1
+        key = f"jaxmoe_stop/{self._checks}"
+        if self.signum is not None:
+            client.key_value_set(f"{key}/{jax.process_index()}", signal.Signals(self.signum).name)
+        client.wait_at_barrier(f"jaxmoe_stop_{self._checks}", _BARRIER_MS)  # every flag of this check is set
+        return bool(client.key_value_dir_get(key))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop signal on another process"
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def tokenizer_dir(t: TrainConfig, hf_dir: str | None) -> str | None:
+    """--tokenizer, else the HF model dir's tokenizer, else None (the bundled tiny one)."""
+    return t.tokenizer or (hf_dir if hf_dir and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
 
 
 def build_data(t: TrainConfig, c: ModelConfig, hf_dir: str | None, shard_index: int, shard_count: int, log):
     from jaxmoe.data.loader import SFTLoader, build_sft_data
     from jaxmoe.data.tokenizer import load_tokenizer
 
-    tok_dir = t.tokenizer or (hf_dir if hf_dir and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(tokenizer_dir(t, hf_dir))
     if len(tok) > c.vocab_size:
         raise ConfigError(f"tokenizer has {len(tok)} ids but the model's vocab_size is {c.vocab_size}; pass the "
                           "--tokenizer that belongs to --model")
@@ -82,13 +199,31 @@ def evaluate(eval_fn, ts, valid, iters: int, put, frozen=None) -> float:
 
 def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     """Run the job described by `t`; returns the last logged metrics (for tests and scripts)."""
-    from jaxmoe.parallel.setup import build_parallel
-    from jaxmoe.train.logging import TrainLogger
-
     t.validate()
     from jaxmoe.distributed import maybe_initialize
     maybe_initialize(t)  # join the other processes of a multi-host job before anything touches a device
-    c, hf_dir, resume_dir = resolve_model(t)
+    is_main = jax.process_index() == 0
+    lines: list[str] = []
+
+    def log(msg):
+        lines.append(msg)
+        if is_main:
+            print(msg, file=stream, flush=True)
+
+    stop = StopSignal(t.exit_signal_handler)  # from here on a SIGTERM stops cleanly after the next step
+    try:
+        return _run(t, stream, is_main, log, stop)
+    finally:
+        stop.restore()
+
+
+def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[str, Any]:
+    from jaxmoe.parallel.setup import build_parallel
+    from jaxmoe.train.logging import TrainLogger
+
+    c, hf_dir, resume_dir, resume_step = resolve_model(t, log)
+    if t.save:
+        prepare_save_dir(t, resume_dir, resume_step, log)
     if resume_dir and t.train_type == "lora" and _is_hf_dir(t.model):
         hf_dir = t.model  # a LoRA checkpoint holds adapters only: the frozen base comes from --model again
     if resume_dir and t.train_type == "lora" and load_model_config(t.model).to_hf_dict() != c.to_hf_dict():
@@ -101,14 +236,7 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     micro_batches(t, par)
     from jaxmoe.lora.train import PartialTraining
     ptrain = PartialTraining.from_train_config(t, c)  # LoRA / frozen parameters: train state = trainable part only
-    is_main = jax.process_index() == 0
     logger_save = t.save if is_main else None
-    lines: list[str] = []
-
-    def log(msg):
-        lines.append(msg)
-        if is_main:
-            print(msg, file=stream, flush=True)
 
     # Each process loads only the rows of every global batch that its own devices hold.
     train, valid = build_data(t, c, hf_dir, *par.process_batch_shard(), log)
@@ -144,14 +272,19 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
         abstract = ckpt_lib.abstract_like(ts)
         if t.finetune:
             part = {"params": abstract["params"], "model_state": abstract["model_state"]}
-            got, _, meta = ckpt_lib.restore(resume_dir, part, partial=True)
+            got, _, meta = ckpt_lib.restore(resume_dir, part, step=resume_step, partial=True)
             ts = {**ts, **got}
             log(f"> finetune: weights from {resume_dir} (iteration {meta['iteration']}), starting at step 0")
         else:
-            ts, data_state, meta = ckpt_lib.restore(resume_dir, abstract)
+            ts, data_state, meta = ckpt_lib.restore(resume_dir, abstract, step=resume_step)
             iteration, consumed = int(meta["iteration"]), int(meta["consumed_samples"])
             if data_state is not None:
                 train.set_state(data_state)
+            elif not t.no_load_data_state:
+                raise ConfigError(f"--load {resume_dir}: step {resume_step} has no data-loader state (data/); pass "
+                                  "--no_load_data_state to resume with the data order restarted from the beginning")
+            else:
+                log("warning: --no_load_data_state: the data order restarts from the beginning")
             log(f"> resumed from {resume_dir} at iteration {iteration}")
 
     step_fn, eval_fn = built.step, built.eval
@@ -164,9 +297,7 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
                             if stream is not None or not is_main else {}))  # text on process 0 only
     ckpt = ckpt_lib.Checkpointer(t.save, t.save_total_limit, t.async_save) if t.save else None
     if t.save and is_main:
-        os.makedirs(t.save, exist_ok=True)
-        ckpt_lib.dump_json(os.path.join(t.save, "args.json"), dataclasses.asdict(t))
-        c.save_json(os.path.join(t.save, "config.json"))
+        write_run_files(t, c, hf_dir, logger.info)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen if ptrain else ts["params"]))
     if ptrain is not None:
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ts["params"]))
@@ -211,11 +342,16 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     ctx = par.context()
     ctx.__enter__()  # logical-axis sharding constraints apply while the steps trace
     try:
-        while iteration < train_iters:
+        signalled = stop.requested()
+        if signalled:
+            logger.info(f"> received {stop.name} before the first step: nothing trained, nothing saved")
+        while iteration < train_iters and not signalled:
             batch = put(next(train))
             ts, metrics = step_fn(ts, batch, frozen)
             iteration += 1
             consumed += t.global_batch_size
+            if ckpt is not None:
+                ckpt.check()
             if pending is not None:
                 flush(pending)  # the previous step's metrics: fetched while this step runs
             pending = (iteration, metrics)
@@ -225,19 +361,32 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
                 loss = evaluate(eval_fn, ts, valid, t.eval_iters, put, frozen)
                 logger.log_validation(iteration, loss)
                 last["valid_loss"] = loss
-            stop = bool(t.exit_interval) and iteration % t.exit_interval == 0
-            if iteration % t.save_interval == 0 or iteration == train_iters or stop:
+            exit_now = bool(t.exit_interval) and iteration % t.exit_interval == 0
+            signalled = stop.requested()
+            if iteration % t.save_interval == 0 or iteration == train_iters or exit_now or signalled:
                 save(iteration)
-            if stop:
+            if exit_now:
                 logger.info(f"> exiting at iteration {iteration} (--exit_interval {t.exit_interval})")
+                break
+            if signalled:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                if ckpt is not None:
+                    ckpt.wait()  # the checkpoint is complete before the message says so
+                where = (f"saved {t.save}/{iteration}; resume with --load {t.save}" if ckpt
+                         else "no --save, nothing saved")
+                logger.info(f"> received {stop.name}: stopped at iteration {iteration}, {where}")
                 break
         if pending is not None:
             flush(pending)
     finally:
         ctx.__exit__(None, None, None)
-        if ckpt is not None:
-            ckpt.close()
-        logger.close()
+        try:
+            if ckpt is not None:
+                ckpt.close()
+        finally:
+            logger.close()
     last["iteration"] = iteration
     last["ppl"] = math.exp(min(20.0, float(last.get("lm_loss", 0.0))))
     return last
