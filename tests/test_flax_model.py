@@ -1,5 +1,8 @@
 """The Flax NNX face of the model (jaxmoe/model/flax.py): logits equal transformers', its state is exactly the
 trainer's params / model-state trees, split/merge and nnx.jit, partition specs from the logical-axis table."""
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,17 +12,21 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxmoe
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.mesh import logical_rules, logical_to_spec, make_mesh, parse_mesh
 from jaxmoe.model.flax import Glm4MoeForCausalLM, RouterBias, flax_rules
 from jaxmoe.model.params import init_params, init_state, logical_axes
 from tests.hf_ref import random_hf_model
-from tests.train_utils import MICRO
+from tests.train_utils import MICRO, micro_model_dir, train_config
 
 CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, moe_intermediate_size=12, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
                   n_group=2, topk_group=1, use_qk_norm=True, routed_scaling_factor=2.5, first_k_dense_replace=1,
                   attention_bias=True, rope_theta=10000.0).validate()
+
+
+def _same(x, y) -> bool:
+    return jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), x, y))
 
 
 def _close(got, ref, tol=1e-5):
@@ -52,7 +59,7 @@ def test_from_pretrained_logits_equal_transformers(hf, tmp_path):
     _close(model(ids, positions=pos, segment_ids=seg)[:, 5:], ref2)
     # save_pretrained streams the module back out; reloading gives the same weights bit for bit
     again = Glm4MoeForCausalLM.from_pretrained(model.save_pretrained(str(tmp_path / "out")))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), again.params, model.params))
+    assert _same(again.params, model.params)
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 101\)"):
         model(np.array([[3, 101]]))
 
@@ -62,7 +69,7 @@ def test_state_is_the_trainers_tree_and_split_merge_round_trips():
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     want = init_params(MICRO, nnx.Rngs(7).params())
     assert jax.tree.structure(params) == jax.tree.structure(want)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, want))
+    assert _same(params, want)
     bias = nnx.to_pure_dict(nnx.state(model, RouterBias))
     assert jax.tree.structure(bias) == jax.tree.structure(init_state(MICRO))
     assert not isinstance(model.moe_bias, nnx.Param)  # the optimizer (wrt=nnx.Param) never sees it
@@ -99,3 +106,46 @@ def test_partition_specs_follow_the_logical_axis_table():
     nnx.update(model, jax.device_put(state, shardings))
     assert model.moe["experts_wi"][...].sharding.spec == P(None, "expert", None, None, None)
     _close(nnx.jit(lambda mod, x: mod(x))(model, ids), ref)
+
+
+def _doc_block(heading: str) -> str:
+    """The first ```python block after `heading` in docs/flax.md."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flax.md")).read()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+
+
+def test_docs_training_loop_runs_and_loss_falls():
+    ns = {}
+    exec(compile(_doc_block("## Your own training loop"), "docs/flax.md", "exec"), ns)
+    losses = ns["losses"]
+    assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 1, losses
+
+
+def test_train_checkpoint_into_the_module_and_back(tmp_path, capsys):
+    from jaxmoe.train import checkpoint as ckpt
+    from jaxmoe.train.__main__ import main
+    from jaxmoe.train.loop import run
+    kw = dict(model=micro_model_dir(tmp_path), global_batch_size=8, micro_batch_size=1)
+    run(train_config(**kw, train_iters=2, save=str(tmp_path / "a")))
+    model = Glm4MoeForCausalLM.from_train_checkpoint(str(tmp_path / "a"))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.eval_shape(lambda: {"params": init_params(MICRO, jax.random.key(0)), "model_state": init_state(MICRO)})
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+
+    def weights(d):  # what the trainer's --finetune reads (jaxmoe/train/loop.py)
+        return ckpt.restore(d, abstract, partial=True)[0]
+
+    assert _same(weights(str(tmp_path / "a")), {"params": model.params, "model_state": model.state})
+    assert float(jnp.abs(model.moe_bias[...]).sum()) > 0  # the trainer moved the router bias: it came along
+    # back: a weights-only train checkpoint holding exactly those trees
+    model.save_train_checkpoint(str(tmp_path / "mine"), step=5)
+    assert _same(weights(str(tmp_path / "mine")), weights(str(tmp_path / "a")))
+    assert ckpt.read_meta(str(tmp_path / "mine"))["iteration"] == 5
+    assert main(["--load", str(tmp_path / "mine"), "--save", str(tmp_path / "c")]) == 2
+    assert "weights-only checkpoint (no optimizer state); add --finetune" in capsys.readouterr().err
+    # a LoRA run's checkpoint holds adapters only: one clear error pointing at merge-lora
+    saver = ckpt.Checkpointer(str(tmp_path / "lora"), async_save=False)
+    saver.save(1, {"lora": {"a": jnp.zeros(2)}}, None, {"partial": {"lora": {}}, "model_config": MICRO.to_hf_dict()})
+    saver.close()
+    with pytest.raises(ConfigError, match="merge-lora"):
+        Glm4MoeForCausalLM.from_train_checkpoint(str(tmp_path / "lora"))

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import logical_rules
 from jaxmoe.model.options import ModelOptions
-from jaxmoe.model.params import init_params, init_state, logical_axes
+from jaxmoe.model.params import init_params, init_state, logical_axes, param_shapes
 from jaxmoe.model.transformer import batch_logits
 
 _batch_logits = jax.jit(batch_logits, static_argnums=(3, 4))
@@ -91,6 +91,39 @@ class Glm4MoeForCausalLM(nnx.Module):
         """A HF checkpoint dir, streamed tensor by tensor (see jaxmoe.hf.load_pretrained for the options)."""
         from jaxmoe.hf import load_pretrained
         return load_pretrained(path, dtype=dtype, **kw)
+
+    @classmethod
+    def from_train_checkpoint(cls, directory: str, step: int | None = None,
+                              options: ModelOptions | None = None) -> "Glm4MoeForCausalLM":
+        """The fp32 weights and router biases of a jaxmoe.train checkpoint (`--save` dir, orbax; latest step by
+        default): its train_state["params"] and ["model_state"]. Only those two subtrees are read."""
+        from jaxmoe.config import ConfigError
+        from jaxmoe.train import checkpoint as ckpt
+        meta = ckpt.read_meta(directory, step)
+        if meta.get("partial"):
+            raise ConfigError(f"{directory}: a LoRA / partial-training checkpoint holds the trainable part only; "
+                              "merge it first (python -m jaxmoe.convert merge-lora --adapter DIR --output HF_DIR) "
+                              "and load that with from_pretrained")
+        c = ckpt.model_config_from_meta(meta)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                {"params": param_shapes(c), "model_state": jax.eval_shape(lambda: init_state(c))})
+        got, _, _ = ckpt.restore(directory, abstract, step, partial=True)
+        return cls(c, got["params"], got["model_state"], options)
+
+    def save_train_checkpoint(self, directory: str, step: int = 0) -> str:
+        """Write the weights (fp32) and router biases as a weights-only jaxmoe.train checkpoint at
+        <directory>/<step>/, which `python -m jaxmoe.train --load DIR --finetune` starts from."""
+        from jaxmoe.train import checkpoint as ckpt
+        meta = {"model_config": self.config.to_hf_dict(), "iteration": step, "consumed_samples": 0,
+                "weights_only": True}
+        params = jax.tree.map(lambda a: a.astype(jnp.float32), self.params)  # the trainer's master dtype
+        saver = ckpt.Checkpointer(directory, async_save=False)
+        try:
+            saver.save(step, {"params": params, "model_state": self.state}, None, meta)
+        finally:
+            saver.close()
+        return saver.directory
 
     def save_pretrained(self, path: str, **kw) -> str:
         """Write a HF dir transformers loads unchanged (see jaxmoe.hf.save_pretrained); returns its path."""

@@ -30,7 +30,10 @@ def _is_hf_dir(path: str | None) -> bool:
 def resolve_model(t: TrainConfig) -> tuple[ModelConfig, str | None, str | None]:
     """-> (config, hf_dir to take weights from or None, orbax dir to resume from or None)."""
     if t.load and ckpt_lib.is_checkpoint_dir(t.load):  # first: a --save dir also holds a config.json
-        return ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(t.load)), None, t.load
+        meta = ckpt_lib.read_meta(t.load)
+        if meta.get("weights_only") and not t.finetune:  # Glm4MoeForCausalLM.save_train_checkpoint
+            raise ConfigError(f"--load {t.load}: a weights-only checkpoint (no optimizer state); add --finetune")
+        return ckpt_lib.model_config_from_meta(meta), None, t.load
     if t.load and not _is_hf_dir(t.load):
         raise ConfigError(f"--load {t.load}: neither a jaxmoe checkpoint dir (<dir>/<step>/) nor a HF dir "
                           "(config.json + safetensors)")
