@@ -17,30 +17,15 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.convert.hf_layout import hf_tensor_specs
 from jaxmoe.convert.hf_params import iter_hf_tensors, mtp_duplicate_keys, params_from_hf
 from jaxmoe.convert.safetensors_io import CheckpointError, HFCheckpointReader, HFCheckpointWriter
+from jaxmoe.model.flax import Glm4MoeForCausalLM
 from jaxmoe.model.options import ModelOptions
-from jaxmoe.model.transformer import logits_fn
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")
 
 
-class Model:
-    """A loaded GLM4-MoE: `model(input_ids)` -> logits [B, T, vocab] (fp32)."""
-
-    def __init__(self, config: ModelConfig, params: dict, state: dict, options: ModelOptions = ModelOptions(),
-                 source_dir: str | None = None, source_dtype: Any = None):
-        self.config, self.params, self.state, self.options = config, params, state, options
-        self.source_dir, self.source_dtype = source_dir, source_dtype
-        self._fn = jax.jit(logits_fn, static_argnums=(3, 4))
-
-    def __call__(self, input_ids) -> jax.Array:
-        ids = jnp.asarray(input_ids, jnp.int32)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.size and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
-            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}); got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-        return self._fn(self.params, self.state, ids, self.config, self.options)
+# The loaded model is the Flax module; `Model(config, params, state, options)` keeps its older name.
+Model = Glm4MoeForCausalLM
 
 
 def _reader_getter(reader: HFCheckpointReader, c: ModelConfig):
@@ -67,7 +52,7 @@ def _has_mtp(reader: HFCheckpointReader, c: ModelConfig) -> bool:
 
 
 def load_pretrained(path: str, dtype: str = "float32", shardings=None, options: ModelOptions | None = None
-                    ) -> Model:
+                    ) -> Glm4MoeForCausalLM:
     """Load a HF GLM4-MoE checkpoint dir (config.json + safetensors). `dtype` is the parameter and compute dtype.
     MTP layers are loaded when present (a config with MTP but files without it drops MTP from the config)."""
     path = os.fspath(path)
@@ -87,10 +72,11 @@ def load_pretrained(path: str, dtype: str = "float32", shardings=None, options: 
     params, state = params_from_hf(get, c, dtype=np_dtype, shardings=shardings)
     src = {reader.spec(k).dtype for k in reader.keys() if "e_score" not in k}
     opts = options or ModelOptions(compute_dtype=str(np_dtype))
-    return Model(c, params, state, opts, source_dir=path, source_dtype=src.pop() if len(src) == 1 else None)
+    return Glm4MoeForCausalLM(c, params, state, opts, source_dir=path,
+                              source_dtype=src.pop() if len(src) == 1 else None)
 
 
-def save_pretrained(model: Model, path: str, dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3,
+def save_pretrained(model: Glm4MoeForCausalLM, path: str, dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3,
                     copy_tokenizer: bool = True) -> str:
     """Write `model` as a HF dir transformers loads unchanged: config.json, sharded safetensors + index,
     MTP layers as GLM-4.5 lays them out. dtype: default the dtype it was loaded from (bit-exact round trip)."""

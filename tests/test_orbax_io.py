@@ -2,6 +2,7 @@
 reads (full, partial, sharded over a mesh); training checkpoints with optimizer state read back; a real
 training run started from a converted checkpoint converts to HF and transformers agrees with jaxmoe;
 peak RSS of converting a ~2 GB model stays near a few tensors."""
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,36 @@ def test_orbax_restore_reads_streamed_checkpoint(cfg, tmp_path):
     p2, s2, c2 = load_checkpoint_weights(str(tmp_path / "o"))
     _eq_tree(p2, params)
     assert c2 == cfg
+
+
+def test_format_pinned_to_what_orbax_itself_writes(cfg, tmp_path):
+    """write_orbax lays out orbax's format by hand (orbax has no public per-slice writer): its metadata must
+    equal orbax's own non-OCDBT save of the same tree, so an orbax upgrade that changes the format fails here."""
+    import orbax.checkpoint as ocp
+    hf = random_hf(cfg, seed=2)
+    ours = write_orbax(str(tmp_path / "ours"), cfg, hf.__getitem__, step=1)
+    params, state = params_from_hf(hf.__getitem__, cfg)
+    mgr = ocp.CheckpointManager(str(tmp_path / "orbax"), item_handlers={
+        "state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()})
+    mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "model_state": state}),
+                                        meta=ocp.args.JsonSave({"iteration": 1})))
+    mgr.wait_until_finished()
+    mgr.close()
+    theirs = str(tmp_path / "orbax" / "1")
+
+    def load(d, *p):
+        return json.load(open(os.path.join(d, *p)))
+    assert load(ours, "_CHECKPOINT_METADATA")["item_handlers"] == load(theirs, "_CHECKPOINT_METADATA")["item_handlers"]
+    a, b = load(ours, "state", "_METADATA"), load(theirs, "state", "_METADATA")
+    assert {k: v for k, v in a.items() if k != "tree_metadata"} == {k: v for k, v in b.items() if k != "tree_metadata"}
+    assert a["tree_metadata"].keys() == b["tree_metadata"].keys()
+    for k, v in b["tree_metadata"].items():
+        got = a["tree_metadata"][k]
+        assert got["key_metadata"] == v["key_metadata"], k
+        assert {**got["value_metadata"], "write_shape": None} == {**v["value_metadata"], "write_shape": None}, k
+    for leaf in ("params.embed", "params.moe.experts_wi", "model_state.moe_bias"):  # zarr metadata but the chunks
+        za, zb = load(ours, "state", leaf, ".zarray"), load(theirs, "state", leaf, ".zarray")
+        assert {**za, "chunks": None} == {**zb, "chunks": None}, leaf
 
 
 def test_reader_skips_optimizer_state_of_training_checkpoints(cfg, tmp_path):

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import socket
-import struct
 
 import ml_dtypes
 import numpy as np
@@ -199,91 +198,6 @@ def test_fresh_run_replaces_old_file(tmp_path):
 
 # --------------------------------------------------------------------------------------------- TensorBoard
 
-def crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(crc: int) -> int:
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_varint(buf, pos):
-    shift = value = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-
-
-def parse_message(buf):
-    """Generic protobuf parse -> list of (field, wire_type, raw value)."""
-    pos, out = 0, []
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        field, wt = key >> 3, key & 7
-        if wt == 0:
-            v, pos = read_varint(buf, pos)
-        elif wt == 1:
-            v, pos = buf[pos:pos + 8], pos + 8
-        elif wt == 2:
-            n, pos = read_varint(buf, pos)
-            v, pos = buf[pos:pos + n], pos + n
-        elif wt == 5:
-            v, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise AssertionError(f"unexpected wire type {wt}")
-        out.append((field, wt, v))
-    assert pos == len(buf)
-    return out
-
-
-def read_events(path):
-    data = open(path, "rb").read()
-    pos, events = 0, []
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (n,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(crc32c_bitwise(header))
-        body = data[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked(crc32c_bitwise(body))
-        pos += 16 + n
-        ev = {"step": 0, "scalars": {}}
-        for field, wt, v in parse_message(body):
-            if field == 1:
-                assert wt == 1
-                ev["wall_time"] = struct.unpack("<d", v)[0]
-            elif field == 2:
-                assert wt == 0
-                ev["step"] = v
-            elif field == 3:
-                ev["file_version"] = v.decode()
-            elif field == 5:
-                for f2, wt2, value_msg in parse_message(v):
-                    assert (f2, wt2) == (1, 2)
-                    tv = dict((f3, val) for f3, _, val in parse_message(value_msg))
-                    ev["scalars"][tv[1].decode()] = struct.unpack("<f", tv[2])[0]
-            else:
-                raise AssertionError(f"unexpected Event field {field}")
-        events.append(ev)
-    assert pos == len(data)
-    return events
-
-
-def test_crc32c_known_value():
-    from jaxmoe.train.tensorboard import crc32c
-    assert crc32c(b"123456789") == 0xE3069283 == crc32c_bitwise(b"123456789")
-    blob = bytes(range(256)) * 3
-    assert crc32c(blob) == crc32c_bitwise(blob)
-
-
 def run_with_tb(tb_dir):
     log = TrainLogger(None, train_iters=300, log_interval=10, tensorboard_dir=str(tb_dir), stream=io.StringIO())
     for it in (1, 2):
@@ -294,41 +208,34 @@ def run_with_tb(tb_dir):
     log.close()
 
 
-def test_tensorboard_events_decode(tmp_path):
+def test_tensorboard_scalars_read_back_by_tensorboard(tmp_path):
+    """Read with TensorBoard's own EventAccumulator: every Megatron tag at its step, values as float32."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_with_tb(tmp_path)
     files = glob.glob(str(tmp_path / "events.out.tfevents.*"))
-    assert len(files) == 1
-    name = os.path.basename(files[0]).split(".")
-    assert name[:3] == ["events", "out", "tfevents"] and name[3].isdigit()
-    assert ".".join(name[4:]) == socket.gethostname()
-    events = read_events(files[0])
-    assert events[0]["file_version"] == "brain.Event:2" and not events[0]["scalars"]
-    assert all(e["wall_time"] > 1.6e9 for e in events)
-    by_step = [(e["step"], e["scalars"]) for e in events[1:]]
-    assert [s for s, _ in by_step] == [1, 8, 2, 16, 200, 16]
-    s1 = by_step[0][1]
-    f32 = lambda x: float(np.float32(x))  # noqa: E731
-    assert s1 == {"lm loss": 1.0, "mtp_1 loss": 2.0, "load_balancing_loss": f32(0.01), "learning-rate": f32(1e-4),
-                  "batch-size": 8.0, "grad-norm": f32(5.703), "skipped-iterations": 0.0, "nan-iterations": 0.0,
-                  "loss-tokens": 1000.0, "tokens-per-second": f32(12345.67), "world-size": 8.0,
-                  "router_z": 0.125, "loss-scale": 1.0, "iteration-time": f32(0.2968),
-                  "tokens-per-second-per-device": f32(12345.67 / 8), "expert-load-max/mean": f32(1.25),
-                  "expert-load-min/mean": f32(0.75)}
-    assert by_step[1][1] == {"lm loss vs samples": 1.0, "learning-rate vs samples": f32(1e-4),
-                             "batch-size vs samples": 8.0, "loss-scale vs samples": 1.0}
-    assert by_step[2][1]["lm loss"] == 0.5 and by_step[2][1]["learning-rate"] == f32(2e-4)
-    assert by_step[4][1] == {"lm loss validation": 6.5, "lm loss validation ppl": f32(math.exp(6.5)),
-                             "mtp loss validation": 7.0}
-    assert by_step[5][1] == {"lm loss validation vs samples": 6.5}
-
-
-def test_tensorboard_event_accumulator(tmp_path):
-    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    run_with_tb(tmp_path)
-    acc = ea_mod.EventAccumulator(str(tmp_path))
+    assert len(files) == 1 and f".{socket.gethostname()}." in os.path.basename(files[0])
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("lm loss")] == [(1, 1.0), (2, 0.5)]
-    assert [(e.step, e.value) for e in acc.Scalars("lm loss validation")] == [(200, 6.5)]
+    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert all(e.wall_time > 1.6e9 for tag in got for e in acc.Scalars(tag))
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    first = {"lm loss": 1.0, "mtp_1 loss": 2.0, "load_balancing_loss": f32(0.01), "learning-rate": f32(1e-4),
+             "batch-size": 8.0, "grad-norm": f32(5.703), "skipped-iterations": 0.0, "nan-iterations": 0.0,
+             "loss-tokens": 1000.0, "tokens-per-second": f32(12345.67), "world-size": 8.0,
+             "router_z": 0.125, "loss-scale": 1.0, "iteration-time": f32(0.2968),
+             "tokens-per-second-per-device": f32(12345.67 / 8), "expert-load-max/mean": f32(1.25),
+             "expert-load-min/mean": f32(0.75)}
+    assert {tag: v[0] for tag, v in got.items() if tag in first} == {tag: (1, v) for tag, v in first.items()}
+    assert got["lm loss"] == [(1, 1.0), (2, 0.5)] and got["learning-rate"] == [(1, f32(1e-4)), (2, f32(2e-4))]
+    assert got["lm loss vs samples"] == [(8, 1.0), (16, 0.5)] and got["batch-size vs samples"] == [(8, 8.0),
+                                                                                                  (16, 8.0)]
+    assert got["learning-rate vs samples"][0] == (8, f32(1e-4)) and got["loss-scale vs samples"][0] == (8, 1.0)
+    assert got["lm loss validation"] == [(200, 6.5)] and got["mtp loss validation"] == [(200, 7.0)]
+    assert got["lm loss validation ppl"] == [(200, f32(math.exp(6.5)))]
+    assert got["lm loss validation vs samples"] == [(16, 6.5)]
+    assert set(got) == set(first) | {"lm loss vs samples", "learning-rate vs samples", "batch-size vs samples",
+                                     "loss-scale vs samples", "lm loss validation", "lm loss validation ppl",
+                                     "mtp loss validation", "lm loss validation vs samples"}
 
 
 # --------------------------------------------------------------------------------------------- progress bar

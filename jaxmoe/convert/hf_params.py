@@ -12,21 +12,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.model.params import full_table
 
-# HF suffix per attention / norm parameter of a decoder layer: (param name, hf suffix)
-_ATTN = {
-    "attn_norm": "input_layernorm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
-    "wo": "self_attn.o_proj.weight",
-    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-}
-_MLP = {"mlp_wi": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp_wo": "mlp.down_proj.weight",
-        "shared_wi": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
-        "shared_wo": "mlp.shared_experts.down_proj.weight", "router": "mlp.gate.weight"}
-_MTP = {"enorm": "enorm.weight", "hnorm": "hnorm.weight", "eh_proj": "eh_proj.weight",
-        "final_norm": "shared_head.norm.weight"}
+# HF names from the parameter table (ParamSpec.hf): per-layer suffixes and top-level keys
+_TABLE = full_table()
+_ATTN = {n: _TABLE["moe"][n].hf for n in _TABLE["dense"] if n in _TABLE["moe"]}  # attention + the two norms
+_MLP = {n: _TABLE["dense" if n.startswith("mlp_") else "moe"][n].hf
+        for n in ("mlp_wi", "mlp_wo", "shared_wi", "shared_wo", "router")}
+_EXPERTS = {n: _TABLE["moe"][n].hf for n in ("experts_wi", "experts_wo")}  # after `mlp.experts.{e}.`
+_MTP = {n: p.hf for n, p in _TABLE["mtp"].items() if n != "layer"}
+_TOP = {n: _TABLE[n].hf for n in ("embed", "final_norm", "lm_head")}
 BIAS_SUFFIX = "mlp.gate.e_score_correction_bias"
 
 
@@ -54,9 +49,10 @@ def _layer_to_hf(name: str, c: ModelConfig, get: Callable[[str], np.ndarray], pr
         for e in rng:
             ep = f"{prefix}mlp.experts.{e}."
             if name == "experts_wi":
-                out.append(np.stack([get(ep + "gate_proj.weight").T, get(ep + "up_proj.weight").T], axis=1))
+                g, u = _EXPERTS[name]
+                out.append(np.stack([get(ep + g).T, get(ep + u).T], axis=1))
             else:
-                out.append(get(ep + "down_proj.weight").T)
+                out.append(get(ep + _EXPERTS[name]).T)
         return np.stack(out)
     raise KeyError(name)
 
@@ -67,11 +63,13 @@ def _layer_from_hf_keys(name: str, value, c: ModelConfig, prefix: str,
     if name in ("experts_wi", "experts_wo"):
         for e in range(value.shape[0]):
             v = to_host(value[e])
+            ep = f"{prefix}mlp.experts.{e}."
             if name == "experts_wi":
-                yield f"{prefix}mlp.experts.{e}.gate_proj.weight", np.ascontiguousarray(v[:, 0].T)
-                yield f"{prefix}mlp.experts.{e}.up_proj.weight", np.ascontiguousarray(v[:, 1].T)
+                g, u = _EXPERTS[name]
+                yield ep + g, np.ascontiguousarray(v[:, 0].T)
+                yield ep + u, np.ascontiguousarray(v[:, 1].T)
             else:
-                yield f"{prefix}mlp.experts.{e}.down_proj.weight", np.ascontiguousarray(v.T)
+                yield ep + _EXPERTS[name], np.ascontiguousarray(v.T)
         return
     value = to_host(value)
     if name in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
@@ -106,8 +104,7 @@ def read_param(path: str, c: ModelConfig, get: Callable[[str], np.ndarray],
     """Value (or the `index` block) of jaxmoe param `path` ('moe/experts_wi', 'mtp/layer/wq', 'embed')."""
     parts = path.split("/")
     if parts[0] in ("embed", "lm_head", "final_norm"):
-        key = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight",
-               "final_norm": "model.norm.weight"}[parts[0]]
+        key = _TOP[parts[0]]
         v = get(key)
         return v if index is None else v[index]
     group = parts[0]
@@ -146,7 +143,7 @@ def iter_hf_tensors(params: dict, state: dict, c: ModelConfig,
                     to_host: Callable = np.asarray) -> Iterator[tuple[str, np.ndarray]]:
     """(hf_key, array) for every HF tensor, one layer slice on the host at a time. MTP layers also get the
     `embed_tokens` / `shared_head.head` copies real GLM-4.5 checkpoints carry."""
-    yield "model.embed_tokens.weight", to_host(params["embed"])
+    yield _TOP["embed"], to_host(params["embed"])
     for group in ("dense", "moe", "mtp"):
         if group not in params:
             continue
@@ -165,8 +162,8 @@ def iter_hf_tensors(params: dict, state: dict, c: ModelConfig,
                 yield from _layer_from_hf_keys(name, tree[name][l], c, prefix, to_host)
             if group != "dense":
                 yield prefix + BIAS_SUFFIX, to_host(state[f"{group}_bias"][l]).astype(np.float32)
-    yield "model.norm.weight", to_host(params["final_norm"])
-    yield "lm_head.weight", to_host(params["lm_head"])
+    yield _TOP["final_norm"], to_host(params["final_norm"])
+    yield _TOP["lm_head"], to_host(params["lm_head"])
 
 
 def mtp_duplicate_keys(c: ModelConfig) -> dict[str, str]:
@@ -174,8 +171,8 @@ def mtp_duplicate_keys(c: ModelConfig) -> dict[str, str]:
     out = {}
     for i in range(c.num_nextn_predict_layers):
         p = f"model.layers.{c.num_hidden_layers + i}."
-        out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
-        out[p + "shared_head.head.weight"] = "lm_head.weight"
+        out[p + "embed_tokens.weight"] = _TOP["embed"]
+        out[p + "shared_head.head.weight"] = _TOP["lm_head"]
     return out
 
 

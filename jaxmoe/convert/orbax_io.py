@@ -8,15 +8,17 @@ A jaxmoe.train checkpoint is an orbax CheckpointManager directory:
         <leaf name>/ (or OCDBT files)      one zarr array per leaf, name = '.'.join(path)
     <root>/<step>/meta/metadata            JSON: model_config (HF config.json dict), iteration, ...
 
-Writing: orbax's own save needs every leaf in memory at once (a stacked expert leaf of GLM-4.5-Air is
-133 GB in bf16), so the writer lays out the same on-disk format orbax's StandardCheckpointHandler writes
-with `use_ocdbt=False` itself: per leaf, orbax's `ArrayWriteSpec` gives the zarr spec (zstd level 1, the
-chunk shape = one layer, or one layer and one expert for routed experts) and tensorstore writes slice by
-slice; `_METADATA` lists the leaves as jax.Array entries. orbax's standard restore (full or partial, any
-target sharding) reads it; tests/test_orbax_io.py proves that for orbax-checkpoint 0.12.8.
+Writing: orbax's own save (StandardSave) needs every leaf in memory at once (a stacked expert leaf of
+GLM-4.5-Air is 133 GB in bf16) and its public API has no per-slice write, so the writer lays out the
+on-disk format orbax's StandardCheckpointHandler writes with `use_ocdbt=False` itself: per leaf, orbax's
+public `type_handlers.get_json_tspec_write` gives the zarr spec (zstd, the chunk shape = one layer, or one
+layer and one expert for routed experts) and tensorstore writes slice by slice; `_METADATA` and
+`_CHECKPOINT_METADATA` are written here. orbax's standard restore (full or partial, any target sharding)
+reads it; tests/test_orbax_io.py proves that and pins the metadata against what orbax itself writes, so an
+orbax upgrade that changes the format fails there.
 
-Reading: the tree is taken from `_METADATA`, each leaf is opened with orbax's `ArrayReadSpec` (OCDBT or
-not, as the checkpoint says) and read slice by slice; leaves other than params / model_state (optimizer
+Reading: the tree is taken from `_METADATA`, each leaf is opened with orbax's `get_json_tspec_read` (OCDBT
+or not, as the checkpoint says) and read slice by slice; leaves other than params / model_state (optimizer
 state, counters) are never touched.
 """
 from __future__ import annotations
@@ -38,8 +40,20 @@ from jaxmoe.convert.safetensors_io import CheckpointError, read_json
 STATE, META = "state", "meta"
 _TREE_FILE = "_METADATA"
 _STEP_META = "_CHECKPOINT_METADATA"
-_HANDLERS = {"meta": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
-             "state": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}
+
+
+def _handler_names() -> dict[str, str]:
+    """The handler type names orbax records per item in _CHECKPOINT_METADATA (module path of its classes)."""
+    import orbax.checkpoint as ocp
+    return {item: f"{cls.__module__}.{cls.__qualname__}" for item, cls in
+            (("meta", ocp.JsonCheckpointHandler), ("state", ocp.StandardCheckpointHandler))}
+
+
+def _param_info(directory: str, name: str, use_zarr3: bool):
+    """orbax's description of one leaf array (public ocp.type_handlers.ParamInfo)."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+    return ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(directory), use_zarr3=use_zarr3)
 
 
 def _leaf_paths(cfg: ModelConfig) -> list[tuple[tuple[str, ...], tuple[int, ...], bool]]:
@@ -88,7 +102,7 @@ def write_orbax(out_dir: str, cfg: ModelConfig, get_hf: Callable[[str], np.ndarr
     `progress(nbytes)` is called after each slice; `root_files` (tokenizer files) are copied next to the step
     dir (not config.json: jaxmoe.train takes a dir with config.json for a HF dir). Nothing appears at
     `out_dir/<step>` until all is written."""
-    from orbax.checkpoint._src.serialization.tensorstore_utils import ArrayWriteSpec, get_ts_context
+    import orbax.checkpoint as ocp
 
     dtype = np.dtype(dtype)
     tmp_root, final_root, rename_root = _prepare_output(out_dir)
@@ -97,7 +111,7 @@ def write_orbax(out_dir: str, cfg: ModelConfig, get_hf: Callable[[str], np.ndarr
     state_dir = os.path.join(step_dir, STATE)
     os.makedirs(state_dir)
     t0 = time.time_ns()
-    ctx = get_ts_context(use_ocdbt=False)
+    ctx = ocp.type_handlers.get_ts_context(use_ocdbt=False)
     try:
         tree = {}
         state_np = None
@@ -105,9 +119,11 @@ def write_orbax(out_dir: str, cfg: ModelConfig, get_hf: Callable[[str], np.ndarr
             name = ".".join(path)
             dt = np.dtype(np.float32) if is_state else dtype
             chunk, blocks = _slices(path, shape)
-            spec = ArrayWriteSpec(state_dir, name, global_shape=shape, write_shape=chunk, dtype=dt,
-                                  use_ocdbt=False, use_zarr3=False)
-            arr = ts.open(spec.json, create=True, open=True, context=ctx).result()
+            # orbax's own zarr spec for a leaf; local_shape is the chunk (orbax's write shape)
+            spec = ocp.type_handlers.get_json_tspec_write(_param_info(state_dir, name, use_zarr3=False),
+                                                          use_ocdbt=False, global_shape=shape, local_shape=chunk,
+                                                          dtype=dt)
+            arr = ts.open(spec, create=True, open=True, context=ctx).result()
             for idx in blocks:
                 if is_state:
                     if state_np is None:
@@ -131,7 +147,7 @@ def write_orbax(out_dir: str, cfg: ModelConfig, get_hf: Callable[[str], np.ndarr
         os.makedirs(os.path.join(step_dir, META))
         _write_json(os.path.join(step_dir, META, "metadata"), meta)
         _write_json(os.path.join(step_dir, _STEP_META),
-                    {"item_handlers": _HANDLERS, "metrics": {}, "performance_metrics": {},
+                    {"item_handlers": _handler_names(), "metrics": {}, "performance_metrics": {},
                      "init_timestamp_nsecs": t0, "commit_timestamp_nsecs": time.time_ns(),
                      "custom_metadata": {}})
         for f in root_files:
@@ -208,12 +224,13 @@ class OrbaxCheckpointReader:
 
     def leaf(self, path: tuple[str, ...]) -> ts.TensorStore:
         if path not in self._open:
-            from orbax.checkpoint._src.serialization.tensorstore_utils import ArrayReadSpec, get_ts_context
-            spec = ArrayReadSpec(self.state_dir, ".".join(path), self.use_zarr3, use_ocdbt=self.use_ocdbt)
+            import orbax.checkpoint as ocp
+            spec = ocp.type_handlers.get_json_tspec_read(
+                _param_info(self.state_dir, ".".join(path), use_zarr3=self.use_zarr3), use_ocdbt=self.use_ocdbt)
             if self._ctx is None:  # orbax's context: OCDBT specs name its cache pool
-                self._ctx = get_ts_context(use_ocdbt=self.use_ocdbt)
+                self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
             try:
-                self._open[path] = ts.open(spec.json, open=True, context=self._ctx).result()
+                self._open[path] = ts.open(spec, open=True, context=self._ctx).result()
             except ValueError as e:
                 raise CheckpointError(f"{self.state_dir}: leaf `{'.'.join(path)}` is listed in {_TREE_FILE} but "
                                       f"cannot be opened ({str(e).splitlines()[0]}); the checkpoint is "

@@ -4,11 +4,12 @@ Format: 8-byte little-endian header length N, N bytes of JSON {key: {dtype, shap
 then the data buffer; offsets are relative to the buffer and must tile it without holes. Sharded
 checkpoints add `model.safetensors.index.json` {"metadata": {"total_size"}, "weight_map": {key: file}}.
 
-The reader parses headers itself so it can validate the whole checkpoint (files exist, index agrees
-with headers, every tensor's bytes lie inside its file) before any tensor is read, then reads each
-tensor with one seek + readinto. The writer plans the shards from a manifest, writes every header up
-front, accepts tensors in any order (pwrite at their offsets), and publishes the directory only when
-every tensor has arrived.
+The reader opens every shard with `safetensors.safe_open` up front, so the whole checkpoint is validated
+(files exist, index agrees with headers, every tensor's bytes lie inside its file) before any tensor is
+read; when safetensors refuses a file, its header is read here to say which tensor and what is wrong.
+Each tensor is then read alone with `get_tensor(key)` (`get_slice(key)[...]` fails on empty tensors in
+safetensors 0.8). The writer plans the shards from a manifest, writes every header up front, accepts
+tensors in any order (pwrite at their offsets), and publishes the directory only when every tensor has arrived.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Iterable, NamedTuple
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,13 +52,16 @@ def dtype_name(dtype) -> str:
 class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: np.dtype
-    file: str          # absolute path of the shard
-    start: int         # absolute byte offset in the file
-    nbytes: int
+    file: str          # path of the shard
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
 def read_header(path: str) -> tuple[dict, int]:
-    """-> (header dict without __metadata__, absolute offset of the data buffer)."""
+    """-> (header dict without __metadata__, absolute offset of the data buffer). Used to explain a file
+    safetensors refuses (it does not say which tensor is cut short)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -127,29 +132,20 @@ class HFCheckpointReader:
                                           "has no such tensor; the index and shards disagree")
 
     def _add_file(self, path: str, fname: str, weight_map: dict | None) -> None:
-        header, base = read_header(path)
-        size = os.path.getsize(path)
-        for key, ent in header.items():
+        try:
+            with safe_open(path, framework="numpy") as f:
+                found = {k: (sl.get_shape(), sl.get_dtype()) for k in f.keys() for sl in [f.get_slice(k)]}
+        except SafetensorError as e:
+            raise CheckpointError(_explain(path, e)) from None
+        for key, (shape, dtype) in found.items():
             if weight_map is not None and weight_map.get(key) != fname:
                 continue  # tensors not routed here by the index are ignored, like transformers
-            try:
-                dt = DTYPES[ent["dtype"]]
-            except KeyError:
-                raise CheckpointError(f"{path}: tensor `{key}` has unknown dtype {ent.get('dtype')!r}; "
-                                      f"known: {sorted(DTYPES)}") from None
-            shape = tuple(int(d) for d in ent["shape"])
-            s, e = (int(x) for x in ent["data_offsets"])
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            if e - s != nbytes or s < 0:
-                raise CheckpointError(f"{path}: tensor `{key}` spans bytes [{s}, {e}) but shape "
-                                      f"{list(shape)} of {ent['dtype']} needs {nbytes}; corrupt header")
-            if base + e > size:
-                raise CheckpointError(f"{path}: tensor `{key}` ends at byte {base + e} but the file has "
-                                      f"{size} bytes; the file is truncated (re-download or re-convert)")
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{path}: tensor `{key}` has unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
             if key in self._specs:
                 raise CheckpointError(f"{path}: tensor `{key}` also appears in "
                                       f"{self._specs[key].file}; duplicate keys across shards")
-            self._specs[key] = TensorSpec(shape, dt, path, base + s, nbytes)
+            self._specs[key] = TensorSpec(tuple(int(d) for d in shape), DTYPES[dtype], path)
 
     def keys(self) -> list[str]:
         return list(self._specs)
@@ -171,20 +167,29 @@ class HFCheckpointReader:
         return {k: s.shape for k, s in self._specs.items()}
 
     def get(self, key: str) -> np.ndarray:
-        """Read exactly one tensor (seek + readinto; nothing else of the file enters RAM)."""
+        """Read exactly one tensor (the file is opened per call: nothing else of it stays mapped)."""
         sp = self.spec(key)
-        out = np.empty(sp.shape, sp.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        with open(sp.file, "rb", buffering=0) as f:
-            f.seek(sp.start)
-            got = 0
-            while got < sp.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"{sp.file}: tensor `{key}` is cut short at byte "
-                                          f"{sp.start + got}; the file was truncated while reading")
-                got += n
-        return out
+        with safe_open(sp.file, framework="numpy") as f:
+            return f.get_tensor(key)
+
+
+def _explain(path: str, err: Exception) -> str:
+    """Why safetensors refused `path`, naming the tensor where the header says which."""
+    header, base = read_header(path)
+    size = os.path.getsize(path)
+    for key, ent in header.items():
+        if ent.get("dtype") not in DTYPES:
+            return f"{path}: tensor `{key}` has unknown dtype {ent.get('dtype')!r}; known: {sorted(DTYPES)}"
+        shape = tuple(int(d) for d in ent["shape"])
+        s, e = (int(x) for x in ent["data_offsets"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[ent["dtype"]].itemsize
+        if e - s != nbytes or s < 0:
+            return (f"{path}: tensor `{key}` spans bytes [{s}, {e}) but shape {list(shape)} of {ent['dtype']} "
+                    f"needs {nbytes}; corrupt header")
+        if base + e > size:
+            return (f"{path}: tensor `{key}` ends at byte {base + e} but the file has {size} bytes; the file is "
+                    "truncated (re-download or re-convert)")
+    return f"{path}: not a valid safetensors file ({err})"
 
 
 class _Shard(NamedTuple):

@@ -178,6 +178,11 @@ def default_batch(input_ids):
             "segment_ids": jnp.ones((B, T), jnp.int32)}
 
 
-def logits_fn(params, state, input_ids, c: ModelConfig, opts: ModelOptions = ModelOptions()):
-    h, _ = forward(params, state, default_batch(input_ids), c, opts, with_mtp=False)
+def batch_logits(params, state, batch: dict, c: ModelConfig, opts: ModelOptions = ModelOptions()):
+    """Logits [B, T, vocab] fp32 of batch (input_ids, positions, segment_ids), MTP off."""
+    h, _ = forward(params, state, batch, c, opts, with_mtp=False)
     return lm_logits(params, h, opts)
+
+
+def logits_fn(params, state, input_ids, c: ModelConfig, opts: ModelOptions = ModelOptions()):
+    return batch_logits(params, state, default_batch(input_ids), c, opts)

@@ -8,15 +8,15 @@ the steps of the interval that were not skipped, and the skipped / NaN iteration
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import numpy as np
-
-from jaxmoe.train.tensorboard import EventWriter
 
 REQUIRED_KEYS = ("consumed_samples", "elapsed_ms", "lr", "global_batch_size", "lm_loss", "grad_norm",
                  "skipped_iters", "nan_iters", "tokens", "tokens_per_sec", "num_devices")
@@ -28,6 +28,15 @@ TB_TAGS = {"lr": "learning-rate", "global_batch_size": "batch-size", "loss_scale
            "grad_norm": "grad-norm", "tokens": "loss-tokens", "tokens_per_sec": "tokens-per-second",
            "skipped_iters": "skipped-iterations", "nan_iters": "nan-iterations", "num_devices": "world-size"}
 METRICS_FILE = "metrics.jsonl"
+TB_FLUSH_SECS = 10  # tensorboardX writes from a background thread: events reach the file within this time
+_TB_WRITERS = itertools.count()
+
+
+def tensorboard_writer(logdir: str):
+    """A tensorboardX FileWriter on `logdir`. The pid + counter suffix keeps a second writer started in the
+    same second (a quick restart) from truncating the first one's events.out.tfevents.<time>.<host> file."""
+    from tensorboardX import FileWriter
+    return FileWriter(logdir, flush_secs=TB_FLUSH_SECS, filename_suffix=f".{os.getpid()}.{next(_TB_WRITERS)}")
 
 
 def expert_load_ratios(load) -> tuple[float, float] | None:
@@ -190,7 +199,7 @@ class TrainLogger:
                 mode = "w"  # a run from iteration 0 starts its own file; an earlier run's is kept aside
                 kept = version_aside(path)
             self._jsonl = open(path, mode, encoding="utf-8")
-        self._tb = EventWriter(tensorboard_dir) if tensorboard_dir is not None else None
+        self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
 
         if progress is None:
             isatty = getattr(stream, "isatty", None)
@@ -315,10 +324,17 @@ class TrainLogger:
         tb["tokens-per-second-per-device"] = tb["tokens-per-second"] / tb["world-size"]
         if ratios is not None:
             tb["expert-load-max/mean"], tb["expert-load-min/mean"] = ratios
-        self._tb.add_scalars(iteration, tb)
+        self._tb_scalars(iteration, tb)
         vs = {f"{tag} vs samples": tb[tag] for tag in ("lm loss", "learning-rate", "batch-size", "loss-scale")
               if tag in tb}
-        self._tb.add_scalars(int(m["consumed_samples"]), vs)
+        self._tb_scalars(int(m["consumed_samples"]), vs)
+
+    def _tb_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """One event with every scalar of the step. A Summary proto rather than SummaryWriter.add_scalar: that
+        rewrites Megatron's tags ("lm loss" -> "lm_loss") and writes one event per tag."""
+        from tensorboardX.proto.summary_pb2 import Summary
+        values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
+        self._tb.add_summary(Summary(value=values), int(step), time.time())
 
     # -- validation --------------------------------------------------------------------------------
     def log_validation(self, iteration: int, lm_loss: float, extra: dict | None = None) -> None:
@@ -335,9 +351,9 @@ class TrainLogger:
                 a = np.asarray(value)
                 if a.ndim == 0 and _numeric_kind(a) is not None:
                     tb[f"{key} validation"] = float(a)
-            self._tb.add_scalars(iteration, tb)
+            self._tb_scalars(iteration, tb)
             if self._last_samples is not None:
-                self._tb.add_scalars(self._last_samples, {"lm loss validation vs samples": lm_loss})
+                self._tb_scalars(self._last_samples, {"lm loss validation vs samples": lm_loss})
 
     def close(self) -> None:
         if self._bar is not None:

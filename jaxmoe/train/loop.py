@@ -38,7 +38,10 @@ def resolve_model(t: TrainConfig, log=print) -> tuple[ModelConfig, str | None, s
     """-> (config, hf_dir to take weights from or None, orbax dir to resume from or None, its step)."""
     step = ckpt_lib.pick_step(t.load, log) if t.load else None  # the newest intact step
     if step is not None:  # first: a --save dir also holds a config.json
-        return ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(t.load, step)), None, t.load, step
+        meta = ckpt_lib.read_meta(t.load, step)
+        if meta.get("weights_only") and not t.finetune:  # Glm4MoeForCausalLM.save_train_checkpoint
+            raise ConfigError(f"--load {t.load}: a weights-only checkpoint (no optimizer state); add --finetune")
+        return ckpt_lib.model_config_from_meta(meta), None, t.load, step
     load = t.load if _is_hf_dir(t.load) and not _is_run_dir(t.load) else None
     if t.load and load is None:  # Megatron: no checkpoint under --load -> start from scratch, same command
         if t.finetune:

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmoe.model.params import no_decay_names
 from jaxmoe.train.args import TrainConfig
 
-NO_DECAY = {"attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm", "enorm", "hnorm", "bq", "bk", "bv"}
+NO_DECAY = no_decay_names()  # the table's `decay=False` entries: norms and biases
 
 
 def warmup_iters(t: TrainConfig, train_iters: int) -> int:
