@@ -209,7 +209,7 @@ def load_train_config(argv: list[str]):
             raise ConfigError("--config needs a YAML path")
         return perf.load_bench_config(argv[i + 1], argv[:i] + argv[i + 2:])
     t = parse_args(argv)
-    c, _, _ = resolve_model(t)
+    c = resolve_model(t)[0]
     return t, c
 
 
