@@ -51,8 +51,8 @@ class PartialTraining:
     # ---- layouts ---------------------------------------------------------------------------------------
     def trainable_shardings(self, par) -> dict:
         out: dict = {}
-        if self.lc is not None:
-            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, logical_to_spec(s.axes, par.rules)),
+        if self.lc is not None:  # fp32 adapters + Adam moments: ZeRO-1 over the axes they are replicated on
+            out["lora"] = jax.tree.map(lambda s: par.zero_sharding(logical_to_spec(s.axes, par.rules), s.shape),
                                        lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.master_shardings, self.extra_paths)
@@ -60,6 +60,9 @@ class PartialTraining:
 
     def compute_shardings(self, par) -> dict:
         out = dict(self.trainable_shardings(par))
+        if self.lc is not None:
+            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, logical_to_spec(s.axes, par.rules)),
+                                       lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.param_shardings, self.extra_paths)
         return out
