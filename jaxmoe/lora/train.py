@@ -110,6 +110,9 @@ class PartialTraining:
             raise ConfigError(f"--mesh {par.describe()}: the expert-parallel dispatch does not carry LoRA adapters "
                               "of routed experts yet; use ep=1, or --target_modules without routed experts "
                               "(e.g. linear_qkv linear_proj shared_experts)")
+        if experts and par.spec.etp > 1:
+            raise ConfigError(f"--expert_tensor_parallel_size {par.spec.etp}: LoRA adapters of routed experts need "
+                              "expert tensor parallel size 1; use 1, or --target_modules without routed experts")
         wsc = jax.lax.with_sharding_constraint
 
         def compute_params(tr, dtype):

@@ -40,7 +40,9 @@ def _keep_mask(flat_e, flat_w, num_experts: int, capacity: int, policy: str):
 
 
 def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacity_factor, drop_policy: str,
-                    token_axes=(), ep_axes=("expert",)):
+                    token_axes=(), ep_axes=("expert",), etp_axis=None):
+    if etp_axis:  # expert tensor parallel: the group's ranks share their tokens, each holds 1/etp of every FFN
+        x, idx, w = (jax.lax.all_gather(a, etp_axis, axis=1, tiled=True) for a in (x, idx, w))
     shape = x.shape  # [b, t, H] this device's tokens
     x, idx, w = x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])
     n, k = idx.shape
@@ -99,8 +101,10 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacit
     out_sorted = back[tgt_peer.clip(0, ep - 1), pos.clip(0, cap - 1)]
     out_sorted = jnp.where(valid[:, None], out_sorted, 0)
     copies = jnp.zeros((n * k, H), out_sorted.dtype).at[order].set(out_sorted)
-    y = copies.reshape(n, k, H).astype(jnp.float32)
-    return jnp.einsum("nkh,nk->nh", y, w).astype(dt).reshape(shape)
+    y = jnp.einsum("nkh,nk->nh", copies.reshape(n, k, H).astype(jnp.float32), w).reshape(shape)
+    if etp_axis:  # partial sums of the row-parallel fc2 -> summed, each rank keeping its own tokens
+        y = jax.lax.psum_scatter(y, etp_axis, scatter_dimension=1, tiled=True)
+    return y.astype(dt)
 
 
 def _recv_counts(send_counts):
@@ -122,10 +126,12 @@ def _ragged_exchange(operand, send_counts, cap):
 
 
 def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | None = None,
-                     drop_policy: str = "probs", ep_axes: tuple[str, ...] = ("expert",)):
+                     drop_policy: str = "probs", ep_axes: tuple[str, ...] = ("expert",), etp: int = 1):
     """A `dispatch(x [B, T, H], idx, w [B, T, k], wi, wo, opts)` for moe_mlp that runs the experts expert-parallel
     over `mesh`. `ep_axes`: the expert-parallel group (MeshSpec.ep_axes; folded tensor / sequence ranks
-    included), over which the experts are split and the tokens exchanged."""
+    included), over which the experts are split and the tokens exchanged. `etp` > 1: each expert's FFN is
+    split over `tensor` (Megatron's expert tensor parallelism, etp = tp): the tensor ranks gather their tokens,
+    dispatch them together and reduce-scatter the partial outputs."""
     folded = tuple(ep_axes) != ("expert",)
     if transport == "auto":
         # the ragged exchange runs over `expert` only for now
@@ -145,15 +151,20 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     axes = rows + cols
     tok = P(rows, cols or None)
     wspec = P(tuple(ep_axes))
+    etp_axis = "tensor" if etp > 1 else None
+    wi_spec, wo_spec = (P(tuple(ep_axes), None, None, etp_axis), P(tuple(ep_axes), etp_axis)) if etp_axis else \
+        (wspec, wspec)
 
     def dispatch(x, idx, w, wi, wo, opts, lora=None):
         """`lora`: routed-expert LoRA adapters (A/B stacked on the expert axis, split with the experts)."""
         from jaxmoe.model.layers import ops_for
         fn = partial(_local_dispatch, gmm=ops_for(opts).gmm, dt=opts.dtype, transport=transport,
                      capacity_factor=capacity_factor if capacity_factor is not None else opts.moe_capacity_factor,
-                     drop_policy=drop_policy, token_axes=axes, ep_axes=tuple(ep_axes))
+                     drop_policy=drop_policy, token_axes=axes, ep_axes=tuple(ep_axes), etp_axis=etp_axis)
         lspec = None if lora is None else {k: (P() if k.startswith("_") else jax.tree.map(lambda _: wspec, v))
                                            for k, v in lora.items()}
-        return shard_map_rest(fn, mesh, (tok, tok, tok, wspec, wspec, lspec), tok)(x, idx, w, wi, wo, lora)
+        if lora is not None and etp_axis:
+            raise ValueError("LoRA adapters of routed experts need --expert_tensor_parallel_size 1")
+        return shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec), tok)(x, idx, w, wi, wo, lora)
 
     return dispatch

@@ -33,6 +33,9 @@ def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_bat
     for name, size in (("intermediate_size", c.intermediate_size), ("moe_intermediate_size", c.shared_intermediate_size)):
         if size % tp:
             raise MeshError(f"--mesh tp={tp}: {name} {size} is not divisible by tp")
+    if spec.etp > 1 and c.moe_intermediate_size % spec.etp:
+        raise MeshError(f"--expert_tensor_parallel_size {spec.etp}: moe_intermediate_size {c.moe_intermediate_size} "
+                        "is not divisible by it")
     if (c.num_moe_layers or c.num_nextn_predict_layers) and c.n_routed_experts % ep:
         raise MeshError(f"--mesh ep={ep}: n_routed_experts {c.n_routed_experts} is not divisible by ep")
     dp_total = spec.data * spec.expert
@@ -230,7 +233,8 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
                                                                           None):
         raise MeshError("--decoder_first/last_pipeline_num_layers need pipeline stages: add pp=N to --mesh")
     mesh = make_mesh(spec, devices)
-    rules = logical_rules(sequence_parallel=getattr(t, "sequence_parallel", False), ep_axes=spec.ep_axes)
+    rules = logical_rules(sequence_parallel=getattr(t, "sequence_parallel", False), ep_axes=spec.ep_axes,
+                          etp=spec.etp)
     specs = param_specs(c)
     pspecs = jax.tree.map(lambda s: logical_to_spec(s.axes, rules), specs, is_leaf=is_spec)
     shapes = jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec)
@@ -243,7 +247,7 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     if spec.size > 1 and (c.num_moe_layers or c.num_nextn_predict_layers):
         dispatch = make_ep_dispatch(mesh, getattr(t, "moe_transport", "auto"),
                                     getattr(t, "moe_expert_capacity_factor", None),
-                                    getattr(t, "moe_token_drop_policy", "probs"), spec.ep_axes)
+                                    getattr(t, "moe_token_drop_policy", "probs"), spec.ep_axes, spec.etp)
     staged = None
     if pipeline is not None and "moe" in pspecs:
         staged = jax.tree.map(lambda p: NamedSharding(mesh, P("stage", *p)), pspecs["moe"],

@@ -102,7 +102,8 @@ class TrainConfig:
               "ep x edp (MoE parallel folding), so ep needs no extra devices; ep must divide dp, or be tp, cp or "
               "cp x tp times a divisor of dp.")
     expert_tensor_parallel_size: int | None = _f(None, "Tensor parallel size inside each routed expert (Megatron "
-                                                       "flag); only 1 is supported (ms-swift's default).")
+                                                       "flag): 1 (default, as ms-swift) or tp (each expert's FFN "
+                                                       "split over the tensor ranks; ep then comes from cp x dp).")
     use_distributed_optimizer: bool = _f(True, "Accepted for Megatron-SWIFT compatibility: jaxmoe always shards "
                                                "fp32 master weights and Adam moments over every replica axis "
                                                "(ZeRO-1).")
