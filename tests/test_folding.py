@@ -61,13 +61,16 @@ def test_flags_and_mesh_are_exclusive_and_fold_needs_the_axis():
 
 
 def test_zero_spec_covers_every_replica_axis():
-    mesh = dict(data=2, stage=2, expert=1, sequence=2, tensor=4)
-    assert zero_spec_all(P(None, "tensor"), (1024, 512), mesh) == P(("data", "stage", "sequence"), "tensor")
-    assert zero_spec_all(P(), (32,), mesh) == P(("data", "stage", "sequence", "tensor"))
-    assert zero_spec_all(P(), (6,), mesh) == P("data")  # 6 is not divisible by data x stage: stage replicates
+    mesh = dict(data=2, stage=1, expert=1, sequence=2, tensor=4)
+    assert zero_spec_all(P(None, "tensor"), (1024, 512), mesh) == P(("data", "sequence"), "tensor")
+    assert zero_spec_all(P(), (32,), mesh) == P(("data", "sequence", "tensor"))
+    assert zero_spec_all(P(), (6,), mesh) == P("data")  # 6 is not divisible by data x sequence: replicated there
     # folded experts: already split over tensor, ZeRO over the rest on the largest free dim
     assert zero_spec_all(P(("expert", "tensor")), (8, 32, 2, 16), mesh) == \
-        P(("expert", "tensor"), ("data", "stage", "sequence"), None, None)
+        P(("expert", "tensor"), ("data", "sequence"), None, None)
+    # pipelines: `stage` alone on the largest dim, the others together on the next
+    assert zero_spec_all(P(), (16, 32), dict(mesh, stage=2)) == P(("data", "sequence", "tensor"), "stage")
+    assert zero_spec_all(P(), (32,), dict(mesh, stage=2)) == P("stage")
 
 
 FOLDED = [

@@ -55,25 +55,29 @@ def _mesh_axes_of(spec: P) -> set:
 
 
 def zero_spec_all(spec: P, shape: tuple[int, ...], mesh_shape: dict) -> P:
-    """ZeRO-1 over the full replica group: add every mesh axis the weight is replicated on (size > 1, mesh
-    order, `data` first) to an unsharded dim it divides; axes join the dim chosen before when it divides
-    further (one split dim), else go to the largest free one (the first of equal ones). Axes that fit nowhere
-    leave the weight replicated on them."""
+    """ZeRO-1 over the full replica group: add every mesh axis the weight is replicated on (size > 1) to an
+    unsharded dim it divides. `stage` first, alone on the largest such dim (as the pipeline re-lays the
+    weights out per stage, joining it with `data` made the step's reductions 20% larger); the others in mesh
+    order (`data` first) join the dim chosen before when it divides further, else take the largest free one
+    (the first of equal ones). Axes that fit nowhere leave the weight replicated on them."""
     parts = list(spec) + [None] * (len(shape) - len(spec))
     free = [d for d, part in enumerate(parts) if part is None]
-    added: dict[int, list[str]] = {}
     taken = _mesh_axes_of(spec)
+    largest = lambda ds: max(ds, key=lambda d: (shape[d], -d))
+    if mesh_shape.get("stage", 1) > 1 and "stage" not in taken:
+        fits = [d for d in free if shape[d] % mesh_shape["stage"] == 0]
+        if fits:
+            parts[largest(fits)] = "stage"
+            free.remove(largest(fits))
+    added: dict[int, list[str]] = {}
     for axis, n in mesh_shape.items():
-        if n == 1 or axis in taken:
+        if n == 1 or axis in taken or axis == "stage":
             continue
         split = lambda d: int(np.prod([mesh_shape[a] for a in added.get(d, [])]))
         fits = [d for d in free if shape[d] % (split(d) * n) == 0]
-        if not fits:
-            continue
-        d = next((d for d in fits if d in added), None)
-        if d is None:
-            d = max(fits, key=lambda d: (shape[d], -d))
-        added.setdefault(d, []).append(axis)
+        if fits:
+            d = next((d for d in fits if d in added), None)
+            added.setdefault(largest(fits) if d is None else d, []).append(axis)
     for d, axes in added.items():
         parts[d] = axes[0] if len(axes) == 1 else tuple(axes)
     return P(*parts)
