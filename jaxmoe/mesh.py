@@ -26,8 +26,10 @@ class MeshError(ValueError):
     """An impossible parallel layout; the message names the flag and the fix."""
 
 
-def logical_rules(sequence_parallel: bool = False) -> dict[str, Any]:
-    """Logical axis -> mesh axis (or tuple of axes, or None = replicated)."""
+def logical_rules(sequence_parallel: bool = False, ep_axes: tuple[str, ...] = ("expert",),
+                  etp: int = 1) -> dict[str, Any]:
+    """Logical axis -> mesh axis (or tuple of axes, or None = replicated). `ep_axes`: the expert-parallel group
+    (MeshSpec.ep_axes), over which the routed experts are split; etp > 1: each expert's FFN split over tensor."""
     return {
         # parameters
         "vocab": "tensor",  # vocab-parallel embedding / LM head
@@ -36,8 +38,8 @@ def logical_rules(sequence_parallel: bool = False) -> dict[str, Any]:
         "kv_heads": "tensor",
         "head_dim": None,
         "mlp": "tensor",  # column-parallel fc1, row-parallel fc2 (dense and shared expert)
-        "exp": "expert",
-        "expert_mlp": None,
+        "exp": ep_axes,  # MoE parallel folding: `expert`, plus tensor / sequence ranks when folded
+        "expert_mlp": "tensor" if etp > 1 else None,
         "layers": None,  # the pipeline splits the stack itself (parallel/pipeline.py)
         "norm": None,
         # activations: the expert axis splits tokens outside MoE layers (Megatron's EP carved out of DP)
@@ -177,6 +179,11 @@ def psum_manual(x, axes):
 
 
 # ---- --mesh parsing ------------------------------------------------------------------------------------
+# Axes that can be folded into the expert-parallel group (MoE parallel folding), in mesh order.
+FOLD_AXES = ("sequence", "tensor")
+_FOLD_KEYS = {"cp": "sequence", "sequence": "sequence", "tp": "tensor", "tensor": "tensor"}
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
     data: int = 1
@@ -184,6 +191,10 @@ class MeshSpec:
     expert: int = 1
     sequence: int = 1
     tensor: int = 1
+    # MoE parallel folding: mesh axes besides `expert` whose ranks also split the routed experts (and exchange
+    # tokens) inside MoE layers; outside them they stay context / tensor parallel.
+    ep_fold: tuple[str, ...] = ()
+    etp: int = 1  # expert tensor parallel size: 1, or tensor (each routed expert's FFN split over `tensor`)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -196,18 +207,51 @@ class MeshSpec:
             n *= s
         return n
 
+    @property
+    def ep_axes(self) -> tuple[str, ...]:
+        """The expert-parallel group: `expert` and the folded axes, in mesh (major-to-minor) order."""
+        return ("expert",) + tuple(a for a in FOLD_AXES if a in self.ep_fold)
+
+    @property
+    def ep_size(self) -> int:
+        n = 1
+        for a in self.ep_axes:
+            n *= getattr(self, a)
+        return n
+
     def describe(self) -> str:
-        return ",".join(f"{k}={getattr(self, a)}" for k, a in
-                        (("dp", "data"), ("pp", "stage"), ("ep", "expert"), ("cp", "sequence"), ("tp", "tensor")))
+        out = ",".join(f"{k}={getattr(self, a)}" for k, a in
+                       (("dp", "data"), ("pp", "stage"), ("ep", "expert"), ("cp", "sequence"), ("tp", "tensor")))
+        if self.ep_fold:
+            out += ",ep_fold=" + "+".join(k for k, a in (("cp", "sequence"), ("tp", "tensor")) if a in self.ep_fold)
+        return out + (f",etp={self.etp}" if self.etp > 1 else "")
+
+
+def _parse_fold(text: str, value: str) -> tuple[str, ...]:
+    axes = []
+    for k in (v.strip() for v in value.split("+")):
+        if k not in _FOLD_KEYS:
+            raise MeshError(f"--mesh {text!r}: ep_fold={value}: `{k}` cannot be folded into the expert-parallel "
+                            "group; use ep_fold=tp, ep_fold=cp or ep_fold=cp+tp")
+        axes.append(_FOLD_KEYS[k])
+    return tuple(a for a in FOLD_AXES if a in axes)
 
 
 def parse_mesh(text: str, num_devices: int) -> MeshSpec:
     """'tp=4,ep=4,pp=2' -> MeshSpec; dp defaults to the devices left over."""
     sizes: dict[str, int] = {}
+    fold: tuple[str, ...] = ()
+    etp = "1"
     for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
         if "=" not in part:
             raise MeshError(f"--mesh {text!r}: `{part}` is not key=value; use e.g. --mesh tp=2,ep=2,dp=2")
         k, v = (s.strip() for s in part.split("=", 1))
+        if k == "ep_fold":
+            fold = _parse_fold(text, v)
+            continue
+        if k == "etp":
+            etp = v
+            continue
         if k not in _KEYS:
             raise MeshError(f"--mesh {text!r}: unknown axis `{k}`; use dp/tp/ep/pp/cp (or data, tensor, expert, "
                             "stage, sequence)")
@@ -230,11 +274,60 @@ def parse_mesh(text: str, num_devices: int) -> MeshSpec:
             raise MeshError(f"--mesh {text!r}: tp*ep*pp*cp = {rest} does not divide the {num_devices} devices; "
                             "choose sizes whose product divides the device count")
         sizes["data"] = num_devices // rest
-    spec = MeshSpec(**sizes)
+    if etp not in ("1", str(sizes.get("tensor", 1))):
+        raise MeshError(f"--mesh {text!r}: etp={etp}: the expert tensor parallel size must be 1 or tp")
+    spec = MeshSpec(**sizes, ep_fold=fold, etp=int(etp))
+    if "tensor" in fold and spec.etp > 1:
+        raise MeshError(f"--mesh {text!r}: with etp={etp} the tensor ranks split each expert; they cannot also "
+                        "be folded into the expert-parallel group (drop tp from ep_fold)")
     if spec.size != num_devices:
         raise MeshError(f"--mesh {text!r}: dp*pp*ep*cp*tp = {spec.size} but there are {num_devices} devices; "
                         "the product must equal the device count (leave dp out to fill it automatically)")
+    for a in fold:
+        if getattr(spec, a) == 1:
+            raise MeshError(f"--mesh {text!r}: ep_fold folds `{a}` but its size is 1; drop it from ep_fold")
     return spec
+
+
+def megatron_mesh(num_devices: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1) -> MeshSpec:
+    """Megatron's parallel sizes -> MeshSpec. Megatron: devices = tp x pp x cp x dp, and inside MoE layers the
+    same tp x cp x dp ranks regroup as etp x ep x edp (MoE parallel folding), so ep costs no extra devices.
+    Here the expert-parallel group is the `expert` axis (ep ranks carved out of dp) times whole tensor /
+    context groups folded in (`ep_fold`); the smallest fold that works is chosen: none when ep divides dp,
+    else tp, cp, then cp x tp."""
+    flags = (f"--tensor_model_parallel_size {tp} --pipeline_model_parallel_size {pp} --context_parallel_size {cp} "
+             f"--expert_model_parallel_size {ep} --expert_tensor_parallel_size {etp}")
+    for name, n in (("tensor_model", tp), ("pipeline_model", pp), ("context", cp), ("expert_model", ep),
+                    ("expert_tensor", etp)):
+        if n < 1:
+            raise MeshError(f"--{name}_parallel_size {n}: must be >= 1")
+    if num_devices % (tp * pp * cp):
+        raise MeshError(f"{flags}: tp x pp x cp = {tp * pp * cp} does not divide the {num_devices} devices; "
+                        "choose sizes whose product divides the device count (dp = the devices left over)")
+    dp = num_devices // (tp * pp * cp)
+    if etp not in (1, tp):
+        raise MeshError(f"{flags}: --expert_tensor_parallel_size {etp} must be 1 or tp ({tp}) in jaxmoe (an "
+                        "expert's FFN is split over the whole tensor group or not at all)")
+    if (tp * cp * dp) % (etp * ep):
+        raise MeshError(f"{flags}: expert_tensor_parallel_size x expert_model_parallel_size = {etp * ep} must "
+                        f"divide tp x cp x dp = {tp} x {cp} x {dp} = {tp * cp * dp}, the ranks MoE layers regroup")
+    sizes = {"sequence": cp, "tensor": tp}
+    folds = ((), ("sequence",)) if etp > 1 else ((), ("tensor",), ("sequence",), ("sequence", "tensor"))
+    for fold in folds:
+        f = 1
+        for a in fold:
+            f *= sizes[a]
+        if (fold and f == 1) or ep % f or dp % (ep // f):
+            continue
+        return MeshSpec(data=dp // (ep // f), stage=pp, expert=ep // f, sequence=cp, tensor=tp, ep_fold=fold,
+                        etp=etp)
+    if etp > 1:
+        raise MeshError(f"{flags}: with expert tensor parallelism the expert-parallel group is formed from the "
+                        f"context and data ranks, so ep must divide dp ({dp}) or be cp ({cp}) times a divisor of "
+                        "dp; choose such an --expert_model_parallel_size")
+    raise MeshError(f"{flags}: jaxmoe folds whole tensor / context groups into the expert-parallel group, so ep "
+                    f"must divide dp ({dp}), or be tp ({tp}), cp ({cp}) or cp x tp ({cp * tp}) times a divisor "
+                    "of dp; choose such an --expert_model_parallel_size")
 
 
 def make_mesh(spec: MeshSpec, devices=None) -> jax.sharding.Mesh:

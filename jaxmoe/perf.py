@@ -336,7 +336,8 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
                     its gradient can be scattered from the gathered token cotangents instead (XLA does);
       grad_reduce_per_micro: the same sum per micro-batch incl. the embedding: the upper end, what the GSPMD
                     path does (tp / cp meshes; data/expert-only meshes reduce once, parallel/manual.py);
-      param_gather: ZeRO-1 keeps master weights split over data: their compute copies are gathered once a step;
+      param_gather: ZeRO-1 keeps master weights split over every axis they are replicated on: their compute
+                    copies are gathered once a step;
       tensor:       Megatron TP, 2 all-reduces of the [tokens, hidden] activations per block forward and 2 in
                     backward (attention out, MLP out), per layer incl. MTP;
       expert:       each token's top-k copies sent to their experts and back, forward and backward (4 passes),
@@ -355,18 +356,18 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
             reduce_all += local
             if jax.tree_util.keystr(path) != "['embed']":
                 reduce += local
-        if spec.data > 1 and "data" in _mesh_axes(msh) - used:
+        if _mesh_axes(msh) - used:  # ZeRO-split over some replica axis: gathered into the compute layout
             gather += local
     out = {"grad_reduce": float(reduce), "param_gather": float(gather), "tensor": 0.0, "expert": 0.0}
     if c is not None:
         layers = c.num_hidden_layers + c.num_nextn_predict_layers
         if spec.tensor > 1:
             out["tensor"] = 4.0 * layers * tokens_per_micro // spec.sequence * hidden * compute_bytes * num_micro
-        if spec.expert > 1:
+        ep = spec.ep_size  # the expert-parallel group, folded tensor / sequence ranks included
+        if ep > 1:
             moe_layers = c.num_moe_layers + c.num_nextn_predict_layers
             copies = tokens_per_micro // (spec.tensor * spec.sequence) * c.num_experts_per_tok
-            out["expert"] = (4.0 * moe_layers * copies * hidden * compute_bytes * num_micro
-                             * (spec.expert - 1) / spec.expert)
+            out["expert"] = 4.0 * moe_layers * copies * hidden * compute_bytes * num_micro * (ep - 1) / ep
     out["total"] = sum(out.values())
     out["grad_reduce_per_micro"] = float(reduce_all * num_micro)
     return out

@@ -51,8 +51,8 @@ class PartialTraining:
     # ---- layouts ---------------------------------------------------------------------------------------
     def trainable_shardings(self, par) -> dict:
         out: dict = {}
-        if self.lc is not None:
-            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, logical_to_spec(s.axes, par.rules)),
+        if self.lc is not None:  # fp32 adapters + Adam moments: ZeRO-1 over the axes they are replicated on
+            out["lora"] = jax.tree.map(lambda s: par.zero_sharding(logical_to_spec(s.axes, par.rules), s.shape),
                                        lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.master_shardings, self.extra_paths)
@@ -60,6 +60,9 @@ class PartialTraining:
 
     def compute_shardings(self, par) -> dict:
         out = dict(self.trainable_shardings(par))
+        if self.lc is not None:
+            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, logical_to_spec(s.axes, par.rules)),
+                                       lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.param_shardings, self.extra_paths)
         return out
@@ -107,6 +110,9 @@ class PartialTraining:
             raise ConfigError(f"--mesh {par.describe()}: the expert-parallel dispatch does not carry LoRA adapters "
                               "of routed experts yet; use ep=1, or --target_modules without routed experts "
                               "(e.g. linear_qkv linear_proj shared_experts)")
+        if experts and par.spec.etp > 1:
+            raise ConfigError(f"--expert_tensor_parallel_size {par.spec.etp}: LoRA adapters of routed experts need "
+                              "expert tensor parallel size 1; use 1, or --target_modules without routed experts")
         wsc = jax.lax.with_sharding_constraint
 
         def compute_params(tr, dtype):

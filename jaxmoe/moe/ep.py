@@ -1,10 +1,12 @@
-"""Expert parallelism: token dispatch to the expert-axis shard that owns each expert (jax.shard_map).
+"""Expert parallelism: token dispatch to the device of the expert-parallel group that owns each expert
+(jax.shard_map).
 
 Every token-splitting axis (data, expert, sequence, tensor) gives each device its own tokens inside the
-MoE layer; experts are split over `expert`. Each device routes its tokens, packs the token copies for each
-expert-axis peer into a fixed-capacity buffer, exchanges buffers (all-to-all over `expert`), runs its local
-experts with one grouped matmul over the received rows, and sends the results back to be combined with the
-routing weights. Transports:
+MoE layer; experts are split over the expert-parallel group `ep_axes`: `expert`, plus the tensor / sequence
+ranks folded into it (MoE parallel folding, mesh.MeshSpec.ep_axes). Each device routes its tokens, packs the
+token copies for each peer of the group into a fixed-capacity buffer, exchanges buffers (all-to-all over the
+group's axes), runs its local experts with one grouped matmul over the received rows, and sends the results
+back to be combined with the routing weights. Transports:
   all_to_all  dense `all_to_all` of padded per-peer buffers (compiles everywhere, the CPU-tested path)
   ragged      `jax.lax.ragged_all_to_all` moving only real rows (GPU; XLA:CPU cannot compile it)
 Dropless by default: the per-peer capacity is the worst case (every local copy to one peer). With a capacity
@@ -38,7 +40,9 @@ def _keep_mask(flat_e, flat_w, num_experts: int, capacity: int, policy: str):
 
 
 def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacity_factor, drop_policy: str,
-                    token_axes=()):
+                    token_axes=(), ep_axes=("expert",), etp_axis=None):
+    if etp_axis:  # expert tensor parallel: the group's ranks share their tokens, each holds 1/etp of every FFN
+        x, idx, w = (jax.lax.all_gather(a, etp_axis, axis=1, tiled=True) for a in (x, idx, w))
     shape = x.shape  # [b, t, H] this device's tokens
     x, idx, w = x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])
     n, k = idx.shape
@@ -49,7 +53,7 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacit
         lora = {**lora, "_key": key}
     H = x.shape[1]
     E_l = wi.shape[0]
-    ep = jax.lax.axis_size("expert")
+    ep = jax.lax.axis_size(ep_axes)
     E = E_l * ep
     flat_e = idx.reshape(-1)
     flat_w = w.reshape(-1)
@@ -78,8 +82,8 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacit
     if transport == "ragged":
         recv = _ragged_exchange(buf.reshape(ep * cap, H), send_counts, cap).reshape(ep, cap, H)
     else:
-        recv = jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True)
-    recv_e = jax.lax.all_to_all(ebuf, "expert", 0, 0, tiled=True)
+        recv = jax.lax.all_to_all(buf, ep_axes, 0, 0, tiled=True)
+    recv_e = jax.lax.all_to_all(ebuf, ep_axes, 0, 0, tiled=True)
 
     # Local experts on the received rows (rows of invalid slots sort last and are outside every group).
     flat_recv = recv.reshape(ep * cap, H)
@@ -93,12 +97,14 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, transport: str, capacit
     if transport == "ragged":
         back = _ragged_exchange(ys.reshape(ep * cap, H), _recv_counts(send_counts), cap).reshape(ep, cap, H)
     else:
-        back = jax.lax.all_to_all(ys, "expert", 0, 0, tiled=True)
+        back = jax.lax.all_to_all(ys, ep_axes, 0, 0, tiled=True)
     out_sorted = back[tgt_peer.clip(0, ep - 1), pos.clip(0, cap - 1)]
     out_sorted = jnp.where(valid[:, None], out_sorted, 0)
     copies = jnp.zeros((n * k, H), out_sorted.dtype).at[order].set(out_sorted)
-    y = copies.reshape(n, k, H).astype(jnp.float32)
-    return jnp.einsum("nkh,nk->nh", y, w).astype(dt).reshape(shape)
+    y = jnp.einsum("nkh,nk->nh", copies.reshape(n, k, H).astype(jnp.float32), w).reshape(shape)
+    if etp_axis:  # partial sums of the row-parallel fc2 -> summed, each rank keeping its own tokens
+        y = jax.lax.psum_scatter(y, etp_axis, scatter_dimension=1, tiled=True)
+    return y.astype(dt)
 
 
 def _recv_counts(send_counts):
@@ -160,13 +166,22 @@ def _batchable_exchange(operand, send_counts, cap):
 
 
 def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | None = None,
-                     drop_policy: str = "probs"):
-    """A `dispatch(x [B, T, H], idx, w [B, T, k], wi, wo, opts)` for moe_mlp that runs the experts expert-parallel over `mesh`."""
+                     drop_policy: str = "probs", ep_axes: tuple[str, ...] = ("expert",), etp: int = 1):
+    """A `dispatch(x [B, T, H], idx, w [B, T, k], wi, wo, opts)` for moe_mlp that runs the experts expert-parallel
+    over `mesh`. `ep_axes`: the expert-parallel group (MeshSpec.ep_axes; folded tensor / sequence ranks
+    included), over which the experts are split and the tokens exchanged. `etp` > 1: each expert's FFN is
+    split over `tensor` (Megatron's expert tensor parallelism, etp = tp): the tensor ranks gather their tokens,
+    dispatch them together and reduce-scatter the partial outputs."""
+    folded = tuple(ep_axes) != ("expert",)
     platform = mesh.devices.flat[0].platform  # the target's, not the running backend's (jaxmoe.aot)
     if transport == "auto":
-        transport = "ragged" if platform == "gpu" else "all_to_all"
+        # the ragged exchange runs over `expert` only for now
+        transport = "ragged" if platform == "gpu" and not folded else "all_to_all"
     if transport not in ("all_to_all", "ragged"):
         raise ValueError(f"--moe_transport {transport!r}: choose auto, all_to_all or ragged")
+    if transport == "ragged" and folded:
+        raise ValueError(f"--moe_transport ragged exchanges over the `expert` axis only; with the expert-parallel "
+                         f"group folded over {list(ep_axes[1:])} use --moe_transport all_to_all (or auto)")
     if transport == "ragged" and platform == "cpu":
         raise ValueError("--moe_transport ragged needs a GPU (XLA:CPU cannot compile ragged_all_to_all); "
                          "use all_to_all")
@@ -176,17 +191,22 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     cols = tuple(a for a in ("sequence", "tensor") if mesh.shape[a] > 1)
     axes = rows + cols
     tok = P(rows, cols or None)
-    wspec = P("expert")
+    wspec = P(tuple(ep_axes))
+    etp_axis = "tensor" if etp > 1 else None
+    wi_spec, wo_spec = (P(tuple(ep_axes), None, None, etp_axis), P(tuple(ep_axes), etp_axis)) if etp_axis else \
+        (wspec, wspec)
 
     def dispatch(x, idx, w, wi, wo, opts, lora=None):
         """`lora`: routed-expert LoRA adapters (A/B stacked on the expert axis, split with the experts)."""
         from jaxmoe.model.layers import ops_for
         fn = partial(_local_dispatch, gmm=ops_for(opts).gmm, dt=opts.dtype, transport=transport,
                      capacity_factor=capacity_factor if capacity_factor is not None else opts.moe_capacity_factor,
-                     drop_policy=drop_policy, token_axes=axes)
+                     drop_policy=drop_policy, token_axes=axes, ep_axes=tuple(ep_axes), etp_axis=etp_axis)
         lspec = None if lora is None else {k: (P() if k.startswith("_") else jax.tree.map(lambda _: wspec, v))
                                            for k, v in lora.items()}
-        return shard_map_rest(fn, mesh, (tok, tok, tok, wspec, wspec, lspec), tok)(x, idx, w, wi, wo, lora)
+        if lora is not None and etp_axis:
+            raise ValueError("LoRA adapters of routed experts need --expert_tensor_parallel_size 1")
+        return shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec), tok)(x, idx, w, wi, wo, lora)
 
     dispatch.transport = transport
     return dispatch

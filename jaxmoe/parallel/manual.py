@@ -6,8 +6,8 @@ Under plain GSPMD the accumulated gradient has the parameters' (data-replicated)
 every micro-batch's gradient across data ranks inside the accumulation loop. Here each device differentiates
 its own local objective with respect to parameters cast to *varying* (jax.lax.pcast), so no collective is
 inserted for them; it accumulates its partial gradient locally over the micro-batches and reduces once at the
-end: a reduce-scatter over `data` straight into the sharded-optimizer (ZeRO-1) layout, and a sum over the other
-replica axes a parameter is not split on (`expert` for dense weights). Megatron's
+end: a reduce-scatter over the replica axes straight into the sharded-optimizer (ZeRO-1) layout, and a sum
+over the replica axes a parameter is neither split nor ZeRO-sharded on. Megatron's
 distributed optimizer does the same (one reduce-scatter per step, after the last micro-batch).
 
 The objective of each device is its share of the global one (the sum over devices is the step's loss), so
@@ -56,18 +56,17 @@ def restrict(spec: P, keep) -> P:
 
 
 def grad_plan(spec: P, shape, mesh, manual):
-    """(out_spec restricted to manual axes, scatter dim over `data` or None, axes to psum) for one gradient."""
-    from jaxmoe.parallel.setup import zero_spec
+    """(out_spec restricted to manual axes, scatter dim or None, manual axes to reduce-scatter over, axes to
+    psum) for one gradient: a reduce-scatter straight into the sharded-optimizer layout (setup.zero_spec_all,
+    whose replica axes come in mesh order, the manual ones first), a sum over the other replica axes."""
+    from jaxmoe.parallel.setup import zero_spec_all
     red = [a for a in manual if a not in _axes_of(spec)]
-    scatter = None
-    if "data" in red:
-        z = zero_spec(spec, shape, mesh.shape["data"])
-        for d, part in enumerate(z):
-            if "data" in ((part,) if isinstance(part, str) else tuple(part or ())):
-                scatter, spec = d, z
-                red.remove("data")
-                break
-    return restrict(spec, manual), scatter, tuple(red)
+    zero = zero_spec_all(spec, shape, dict(mesh.shape))
+    for d, (old, new) in enumerate(zip(list(spec) + [None] * len(shape), zero)):
+        scat = tuple(a for a in ((new,) if isinstance(new, str) else tuple(new or ())) if a in manual)
+        if old is None and scat:
+            return restrict(zero, manual), d, scat, tuple(a for a in red if a not in scat)
+    return restrict(spec, manual), None, (), tuple(red)
 
 
 def to_replica_order(batch: dict, num_micro: int) -> dict:
@@ -102,7 +101,7 @@ def manual_grads(local_fn: Callable, mesh, manual, params, param_specs, state, s
     replicas). `param_specs` etc. are the full (auto + manual) PartitionSpecs of the compute layout."""
     plans = jax.tree.map(lambda s, p: grad_plan(s, p.shape, mesh, manual), param_specs, params,
                          is_leaf=lambda s: isinstance(s, P))
-    is_plan = lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], P)
+    is_plan = lambda x: isinstance(x, tuple) and len(x) == 4 and isinstance(x[0], P)
     keep = lambda t: jax.tree.map(lambda s: restrict(s, manual), t, is_leaf=lambda s: isinstance(s, P))
     in_specs = (keep(param_specs), keep(state_specs), restrict(batch_spec, manual),
                 None if frozen is None else keep(frozen_specs), P())
@@ -114,9 +113,9 @@ def manual_grads(local_fn: Callable, mesh, manual, params, param_specs, state, s
         g, stats = local_fn(p, st, b, fr, sc)
 
         def red(x, plan):
-            _, scatter, axes = plan
+            _, scatter, scat, axes = plan
             if scatter is not None:
-                x = jax.lax.psum_scatter(_varying(x, ("data",)), "data", scatter_dimension=scatter, tiled=True)
+                x = jax.lax.psum_scatter(_varying(x, scat), scat, scatter_dimension=scatter, tiled=True)
             axes = tuple(a for a in axes if a in varying_axes(x))
             return jax.lax.psum(x, axes) if axes else x
 

@@ -1,6 +1,6 @@
 """From `--mesh` to everything the train step needs: the device mesh, parameter / optimizer / batch
-shardings (Megatron TP column/row pattern via the logical-axis table, ZeRO-1 sharded optimizer over the
-data axis), and the MoE dispatch for expert parallelism. Validates the layout before any compile."""
+shardings (Megatron TP column/row pattern via the logical-axis table, ZeRO-1 sharded optimizer over every
+replica axis), and the MoE dispatch for expert parallelism. Validates the layout before any compile."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import MeshError, MeshSpec, logical_rules, logical_to_spec, make_mesh, parse_mesh, sharding_context
+from jaxmoe.mesh import (MeshError, MeshSpec, logical_rules, logical_to_spec, make_mesh, megatron_mesh, parse_mesh,
+                         sharding_context)
 from jaxmoe.model.params import is_spec, param_specs
 from jaxmoe.moe.ep import make_ep_dispatch
 from jaxmoe.parallel.context import permute_batch
@@ -20,7 +21,7 @@ from jaxmoe.parallel.pipeline import PipelineLayout, split_layers
 
 
 def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_batch: int, seq_len: int) -> None:
-    tp, ep, cp = spec.tensor, spec.expert, spec.sequence
+    tp, ep, cp = spec.tensor, spec.ep_size, spec.sequence
     if c.num_attention_heads % tp:
         raise MeshError(f"--mesh tp={tp}: num_attention_heads {c.num_attention_heads} is not divisible by tp")
     if c.num_key_value_heads % tp:
@@ -32,12 +33,15 @@ def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_bat
     for name, size in (("intermediate_size", c.intermediate_size), ("moe_intermediate_size", c.shared_intermediate_size)):
         if size % tp:
             raise MeshError(f"--mesh tp={tp}: {name} {size} is not divisible by tp")
+    if spec.etp > 1 and c.moe_intermediate_size % spec.etp:
+        raise MeshError(f"--expert_tensor_parallel_size {spec.etp}: moe_intermediate_size {c.moe_intermediate_size} "
+                        "is not divisible by it")
     if (c.num_moe_layers or c.num_nextn_predict_layers) and c.n_routed_experts % ep:
         raise MeshError(f"--mesh ep={ep}: n_routed_experts {c.n_routed_experts} is not divisible by ep")
-    dp_total = spec.data * ep
+    dp_total = spec.data * spec.expert
     if global_batch % (micro_batch * dp_total):
         raise MeshError(f"--global_batch_size {global_batch} must be a multiple of micro_batch_size x dp x ep = "
-                        f"{micro_batch} x {spec.data} x {ep}")
+                        f"{micro_batch} x {spec.data} x {spec.expert} (the data-parallel ranks)")
     if seq_len % (cp * tp if tp > 1 else cp) and cp > 1:
         raise MeshError(f"--max_length {seq_len} must be divisible by cp x tp = {cp * tp} for context/sequence "
                         "parallelism")
@@ -46,18 +50,36 @@ def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_bat
                         "chunks)")
 
 
-def zero_spec(spec: P, shape: tuple[int, ...], dp: int, axis: str = "data") -> P:
-    """Add the data axis to the largest dim it divides that is not sharded yet (ZeRO-1 layout)."""
-    if dp == 1:
-        return spec
+def _mesh_axes_of(spec: P) -> set:
+    return {m for part in spec for m in ((part,) if isinstance(part, str) else tuple(part or ()))}
+
+
+def zero_spec_all(spec: P, shape: tuple[int, ...], mesh_shape: dict) -> P:
+    """ZeRO-1 over the full replica group: add every mesh axis the weight is replicated on (size > 1) to an
+    unsharded dim it divides. `stage` first, alone on the largest such dim (as the pipeline re-lays the
+    weights out per stage, joining it with `data` made the step's reductions 20% larger); the others in mesh
+    order (`data` first) join the dim chosen before when it divides further, else take the largest free one
+    (the first of equal ones). Axes that fit nowhere leave the weight replicated on them."""
     parts = list(spec) + [None] * (len(shape) - len(spec))
-    best = None
-    for d, n in enumerate(shape):
-        if parts[d] is None and n % dp == 0 and (best is None or n > shape[best]):
-            best = d
-    if best is None:
-        return spec
-    parts[best] = axis
+    free = [d for d, part in enumerate(parts) if part is None]
+    taken = _mesh_axes_of(spec)
+    largest = lambda ds: max(ds, key=lambda d: (shape[d], -d))
+    if mesh_shape.get("stage", 1) > 1 and "stage" not in taken:
+        fits = [d for d in free if shape[d] % mesh_shape["stage"] == 0]
+        if fits:
+            parts[largest(fits)] = "stage"
+            free.remove(largest(fits))
+    added: dict[int, list[str]] = {}
+    for axis, n in mesh_shape.items():
+        if n == 1 or axis in taken or axis == "stage":
+            continue
+        split = lambda d: int(np.prod([mesh_shape[a] for a in added.get(d, [])]))
+        fits = [d for d in free if shape[d] % (split(d) * n) == 0]
+        if fits:
+            d = next((d for d in fits if d in added), None)
+            added.setdefault(largest(fits) if d is None else d, []).append(axis)
+    for d, axes in added.items():
+        parts[d] = axes[0] if len(axes) == 1 else tuple(axes)
     return P(*parts)
 
 
@@ -83,6 +105,10 @@ class Parallel:
     @property
     def data_parallel_size(self) -> int:
         return self.spec.data * self.spec.expert
+
+    def zero_sharding(self, spec: P, shape) -> NamedSharding:
+        """The sharded-optimizer layout of a weight whose compute layout is `spec` (zero_spec_all)."""
+        return NamedSharding(self.mesh, zero_spec_all(spec, tuple(shape), dict(self.mesh.shape)))
 
     @property
     def replicated(self) -> NamedSharding:
@@ -177,9 +203,26 @@ def _keys(path):
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
+MEGATRON_FLAGS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+                  "context_parallel_size": "cp", "expert_model_parallel_size": "ep",
+                  "expert_tensor_parallel_size": "etp"}
+
+
+def mesh_spec(t, num_devices: int) -> MeshSpec:
+    """The layout from Megatron's parallel-size flags (MoE parallel folding, mesh.megatron_mesh) or from the
+    --mesh short form; not both."""
+    given = {f: getattr(t, f) for f in MEGATRON_FLAGS if getattr(t, f, None) is not None}
+    if not given:
+        return parse_mesh(getattr(t, "mesh", ""), num_devices)
+    if getattr(t, "mesh", ""):
+        raise MeshError(f"--mesh {t.mesh} and --{next(iter(given))} both set the parallel layout; use one of "
+                        "them (Megatron's *_parallel_size flags or the --mesh short form)")
+    return megatron_mesh(num_devices, **{MEGATRON_FLAGS[f]: n for f, n in given.items()})
+
+
 def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     devices = jax.devices() if devices is None else devices
-    spec = parse_mesh(getattr(t, "mesh", ""), len(devices))
+    spec = mesh_spec(t, len(devices))
     validate_layout(spec, c, t.global_batch_size, t.micro_batch_size, t.max_length)
     pipeline = None
     if spec.stage > 1:
@@ -195,21 +238,21 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
                                                                           None):
         raise MeshError("--decoder_first/last_pipeline_num_layers need pipeline stages: add pp=N to --mesh")
     mesh = make_mesh(spec, devices)
-    rules = logical_rules(sequence_parallel=getattr(t, "sequence_parallel", False))
+    rules = logical_rules(sequence_parallel=getattr(t, "sequence_parallel", False), ep_axes=spec.ep_axes,
+                          etp=spec.etp)
     specs = param_specs(c)
     pspecs = jax.tree.map(lambda s: logical_to_spec(s.axes, rules), specs, is_leaf=is_spec)
     shapes = jax.tree.map(lambda s: s.shape, specs, is_leaf=is_spec)
     param_sh = jax.tree.map(lambda p: NamedSharding(mesh, p), pspecs, is_leaf=lambda x: isinstance(x, P))
-    # the sharded optimizer splits over data and, under the pipeline, over stages too (one reduction per step)
-    master = jax.tree.map(lambda p, s: NamedSharding(mesh, zero_spec(zero_spec(p, s, spec.stage, "stage"), s,
-                                                                     spec.data)),
+    # the sharded optimizer (fp32 master + Adam moments) splits over every axis a weight is replicated on
+    master = jax.tree.map(lambda p, s: NamedSharding(mesh, zero_spec_all(p, s, dict(mesh.shape))),
                           pspecs, shapes, is_leaf=lambda x: isinstance(x, P))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs, is_leaf=is_spec)
     dispatch = None
     if spec.size > 1 and (c.num_moe_layers or c.num_nextn_predict_layers):
         dispatch = make_ep_dispatch(mesh, getattr(t, "moe_transport", "auto"),
                                     getattr(t, "moe_expert_capacity_factor", None),
-                                    getattr(t, "moe_token_drop_policy", "probs"))
+                                    getattr(t, "moe_token_drop_policy", "probs"), spec.ep_axes, spec.etp)
     staged = None
     if pipeline is not None and "moe" in pspecs:
         staged = jax.tree.map(lambda p: NamedSharding(mesh, P("stage", *p)), pspecs["moe"],

@@ -2,7 +2,6 @@
 import os
 import sys
 
-from jaxmoe.config import ConfigError
 
 
 def _skip_closed_loop_noise() -> None:

@@ -92,6 +92,21 @@ class TrainConfig:
               "stages share the rest evenly. Default: the MoE layers spread as evenly as possible.")
     decoder_last_pipeline_num_layers: int | None = _f(None, "With pp > 1: decoder layers on the last stage "
                                                             "(Megatron flag).")
+    # Megatron's parallel sizes (the long form of --mesh; docs/parallelism.md "Megatron's parallel flags")
+    tensor_model_parallel_size: int | None = _f(None, "Tensor parallel size tp (Megatron flag; devices = tp x pp "
+                                                      "x cp x dp). Use these flags or --mesh, not both.")
+    pipeline_model_parallel_size: int | None = _f(None, "Pipeline stages pp (Megatron flag).")
+    context_parallel_size: int | None = _f(None, "Context parallel size cp (Megatron flag).")
+    expert_model_parallel_size: int | None = _f(
+        None, "Expert parallel size ep (Megatron flag): inside MoE layers the tp x cp x dp ranks regroup as etp x "
+              "ep x edp (MoE parallel folding), so ep needs no extra devices; ep must divide dp, or be tp, cp or "
+              "cp x tp times a divisor of dp.")
+    expert_tensor_parallel_size: int | None = _f(None, "Tensor parallel size inside each routed expert (Megatron "
+                                                       "flag): 1 (default, as ms-swift) or tp (each expert's FFN "
+                                                       "split over the tensor ranks; ep then comes from cp x dp).")
+    use_distributed_optimizer: bool = _f(True, "Accepted for Megatron-SWIFT compatibility: jaxmoe always shards "
+                                               "fp32 master weights and Adam moments over every replica axis "
+                                               "(ZeRO-1).")
     sequence_parallel: bool = _f(False, "Shard activations between blocks over the tensor axis too (Megatron "
                                         "--sequence_parallel); needs --max_length divisible by tp.")
     moe_transport: str = _f("auto", "Expert-parallel token exchange: auto (ragged on GPU, all_to_all on CPU), "
