@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 
 DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
                "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -260,7 +260,10 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dic
             kind = op[:-6] if op.endswith("-start") else op
             if kind not in out or op.endswith("-done"):
                 continue
-            operand = sum(shape_bytes(types.get(o, "")) for o in _operands(i["call"]))
+            names = _operands(i["call"])
+            if kind == "ragged-all-to-all":  # (input, output, offsets and sizes): the input buffer moves
+                names = names[:1]
+            operand = sum(shape_bytes(types.get(o, "")) for o in names)
             n = _group_size(i["call"], n_dev)
             if n == 1 and kind != "collective-permute":
                 payload, wire = 0, 0.0
@@ -272,7 +275,8 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dic
                 pairs = re.findall(r"\{(\d+),(\d+)\}", i["call"].split("source_target_pairs=", 1)[-1])
                 moving = sum(a != b for a, b in pairs)
                 payload, wire = operand, operand * moving / max(n_dev, 1)
-            else:  # reduce-scatter, all-to-all
+            else:  # reduce-scatter, all-to-all; ragged-all-to-all: its whole buffer, an upper bound (only the
+                # rows its sizes name move, known at run time)
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,
                         "payload_bytes": times * payload, "wire_bytes": times * wire, "computation": cname,

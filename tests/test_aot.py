@@ -56,3 +56,18 @@ def test_model_flops_full_is_three_forwards_and_lora_two():
     fwd = forward_flops_per_token(c, 64) * 4 * 64
     assert aot.model_flops_per_step(full, c) == pytest.approx(3 * fwd)
     assert aot.model_flops_per_step(lora, c) == pytest.approx(2 * fwd)
+
+
+def test_ragged_all_to_all_counts_its_input_buffer():
+    hlo = """HloModule m, num_partitions=4
+
+ENTRY %main (a: bf16[64,32], o: bf16[64,32], off: s32[4], n: s32[4]) -> bf16[64,32] {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %o = bf16[64,32]{1,0} parameter(1)
+  %off = s32[4]{0} parameter(2)
+  %n = s32[4]{0} parameter(3)
+  ROOT %r = bf16[64,32]{1,0} ragged-all-to-all(%a, %o, %off, %n, %off, %n), channel_id=1, replica_groups={{0,1,2,3}}
+}
+"""
+    r = perf.collective_bytes(hlo)["ragged-all-to-all"]
+    assert (r["ops"], r["payload_bytes"], r["wire_bytes"]) == (1, 64 * 32 * 2, 0.75 * 64 * 32 * 2)
