@@ -261,7 +261,7 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dic
             if kind not in out or op.endswith("-done"):
                 continue
             names = _operands(i["call"])
-            if kind == "ragged-all-to-all":  # (input, output, offsets and sizes): the input buffer moves
+            if kind == "ragged-all-to-all":  # (input, output, offsets and sizes): rows of the input move
                 names = names[:1]
             operand = sum(shape_bytes(types.get(o, "")) for o in names)
             n = _group_size(i["call"], n_dev)
@@ -275,8 +275,10 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dic
                 pairs = re.findall(r"\{(\d+),(\d+)\}", i["call"].split("source_target_pairs=", 1)[-1])
                 moving = sum(a != b for a, b in pairs)
                 payload, wire = operand, operand * moving / max(n_dev, 1)
-            else:  # reduce-scatter, all-to-all; ragged-all-to-all: its whole buffer, an upper bound (only the
-                # rows its sizes name move, known at run time)
+            elif kind == "ragged-all-to-all":  # only the rows its sizes name move (known at run time); the
+                # dropless EP dispatch sends n*k rows from a buffer of ep x n*k (moe/ep.py): 1/n of the buffer
+                payload, wire = operand / n, operand * (n - 1) / n / n
+            else:  # reduce-scatter, all-to-all
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,
                         "payload_bytes": times * payload, "wire_bytes": times * wire, "computation": cname,

@@ -58,7 +58,7 @@ def test_model_flops_full_is_three_forwards_and_lora_two():
     assert aot.model_flops_per_step(lora, c) == pytest.approx(2 * fwd)
 
 
-def test_ragged_all_to_all_counts_its_input_buffer():
+def test_ragged_all_to_all_counts_the_rows_the_dispatch_sends():
     hlo = """HloModule m, num_partitions=4
 
 ENTRY %main (a: bf16[64,32], o: bf16[64,32], off: s32[4], n: s32[4]) -> bf16[64,32] {
@@ -70,4 +70,5 @@ ENTRY %main (a: bf16[64,32], o: bf16[64,32], off: s32[4], n: s32[4]) -> bf16[64,
 }
 """
     r = perf.collective_bytes(hlo)["ragged-all-to-all"]
-    assert (r["ops"], r["payload_bytes"], r["wire_bytes"]) == (1, 64 * 32 * 2, 0.75 * 64 * 32 * 2)
+    # the EP dispatch's buffer holds ep x the rows it sends: a quarter of it moves, 3/4 of that leaves the device
+    assert (r["ops"], r["payload_bytes"], r["wire_bytes"]) == (1, 64 * 32 * 2 / 4, 0.75 * 64 * 32 * 2 / 4)
