@@ -19,7 +19,9 @@ def report(argv):
 
 @pytest.mark.parametrize("mesh", ["dp=2,ep=4", "dp=2,tp=2,ep=2", "tp=2,ep=2,pp=2"])
 def test_full_step_compiles_with_pallas_and_ragged(mesh):
-    r = report(["--mesh", mesh] + TINY)
+    # 4 micro-batches under pp: with as many micro-batches as stages, tp + sequence parallelism makes XLA's SPMD
+    # partitioner abort on the batched embedding gather (docs/parallelism.md, known gaps)
+    r = report(["--mesh", mesh] + TINY + (["--global_batch_size", "8"] if "pp" in mesh else []))
     assert r["transport"] == "ragged"
     assert set(r["kernels"].values()) == {"pallas"}
     assert r["triton_kernels"]["pallas"] >= 4

@@ -114,16 +114,15 @@ def _cast(tree, dtype):
 
 def _over_stages(fn, xs, S: int, params):
     """fn(params, x) over the leading (micro-batch) dim of xs, Mp = k*S items: S at a time, one per stage.
-    params go in unbatched (broadcast over the stages by vmap; the grouped matmul's reference is batchable with
-    unbatched operands, kernels/gmm.py). Broadcasting them explicitly makes the embedding lookup a gather with
-    batched operand, on which XLA's SPMD partitioner aborts under tp + sequence parallelism with M = S (a
-    CHECK failure in PartitionGatherIndexPassthroughDimensions). fn is rematerialised: the
+    params go in broadcast over the stages (batched, not closed over: the batching rule of ragged_dot, the
+    experts' grouped matmul inside the MoE dispatch, needs every operand batched). fn is rematerialised: the
     backward pass runs after every micro-batch's forward, and keeping each one's activations (logits!) for
     it would grow memory with M."""
     Mp = jax.tree.leaves(xs)[0].shape[0]
     split = jax.tree.map(lambda a: a.reshape((Mp // S, S) + a.shape[1:]), xs)
-    fn = jax.vmap(jax.checkpoint(fn), in_axes=(None, 0), spmd_axis_name="stage")
-    _, out = jax.lax.scan(lambda _, x: (None, fn(params, x)), None, split)
+    bc = jax.tree.map(lambda a: jnp.broadcast_to(a, (S,) + a.shape), params)
+    fn = jax.vmap(jax.checkpoint(fn), spmd_axis_name="stage")
+    _, out = jax.lax.scan(lambda _, x: (None, fn(bc, x)), None, split)
     return jax.tree.map(lambda a: a.reshape((Mp,) + a.shape[2:]), out)
 
 
