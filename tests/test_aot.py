@@ -72,3 +72,15 @@ ENTRY %main (a: bf16[64,32], o: bf16[64,32], off: s32[4], n: s32[4]) -> bf16[64,
     r = perf.collective_bytes(hlo)["ragged-all-to-all"]
     # the EP dispatch's buffer holds ep x the rows it sends: a quarter of it moves, 3/4 of that leaves the device
     assert (r["ops"], r["payload_bytes"], r["wire_bytes"]) == (1, 64 * 32 * 2 / 4, 0.75 * 64 * 32 * 2 / 4)
+
+
+def test_pipeline_with_as_many_micro_batches_as_stages_under_tp_sp_is_one_error():
+    from jaxmoe.config import ConfigError
+    from jaxmoe.parallel.setup import build_parallel
+    from jaxmoe.train.args import parse_args
+    from jaxmoe.train.build import build_step
+    t = parse_args(["--mesh", "pp=2,tp=2,ep=2", "--sequence_parallel", "true", "--max_length", "64",
+                    "--global_batch_size", "4"])
+    par = build_parallel(t, get_preset("tiny"))
+    with pytest.raises(ConfigError, match="2 micro-batch\\(es\\) for 2 pipeline stages"):
+        build_step(t, get_preset("tiny"), par, 10)

@@ -106,6 +106,12 @@ def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int) -> BuiltSt
     optimizer = make_optimizer(t, train_iters)
     schedule = lr_schedule(t, train_iters)
     num_micro = micro_batches(t, par)
+    pipe = par.pipeline
+    if pipe is not None and par.spec.tensor > 1 and t.sequence_parallel and num_micro <= pipe.stages:
+        # XLA's SPMD partitioner aborts on this program (docs/parallelism.md, known gaps)
+        raise ConfigError(f"--global_batch_size {t.global_batch_size}: {num_micro} micro-batch(es) for {pipe.stages} "
+                          "pipeline stages with tensor and sequence parallelism; use more micro-batches than stages "
+                          "(a larger --global_batch_size or a smaller --micro_batch_size)")
     mtp_layers = c.num_nextn_predict_layers if t.mtp_num_layers is None else t.mtp_num_layers
     lo = LossOptions(mtp_layers=mtp_layers, mtp_scale=t.mtp_loss_scaling_factor, aux_coeff=t.moe_aux_loss_coeff)
     hooks = par.step_hooks()
