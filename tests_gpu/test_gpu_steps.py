@@ -21,7 +21,7 @@ def report(argv):
 def test_full_step_compiles_with_pallas_and_ragged(mesh):
     # 4 micro-batches under pp: with as many micro-batches as stages, tp + sequence parallelism makes XLA's SPMD
     # partitioner abort on the batched embedding gather (docs/parallelism.md, known gaps)
-    r = report(["--mesh", mesh] + TINY + (["--global_batch_size", "8"] if "pp" in mesh else []))
+    r = report(["--mesh", mesh] + TINY + (["--global_batch_size", "8"] if "pp" in mesh or mesh == "dp=2,ep=4" else []))
     assert r["transport"] == "ragged"
     assert set(r["kernels"].values()) == {"pallas"}
     assert r["triton_kernels"]["pallas"] >= 4
