@@ -81,7 +81,7 @@ def triton_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def roofline(flops_per_device: float, ops: list[dict], gpu: GpuType, per_host: int, mfu: float,
-             link_efficiency: float) -> dict[str, float]:
+             link_efficiency: float, num_devices: int = 0) -> dict[str, float]:
     """Estimated step time: compute at `mfu` of the bf16 peak, plus each collective's wire bytes at NVLink
     bandwidth when every group stays inside one host and at InfiniBand bandwidth when a group spans hosts
     (unparsed groups count as spanning), both at `link_efficiency` of the nominal rate. `serial` adds the two
@@ -89,8 +89,10 @@ def roofline(flops_per_device: float, ops: list[dict], gpu: GpuType, per_host: i
     compute = flops_per_device / (gpu.peak_bf16 * mfu)
     nvlink = ib = 0.0
     for o in ops:
-        span = perf.hosts_spanned(perf.replica_groups(o["attrs"], 0), per_host) if o["kind"] != "collective-permute" \
-            else _permute_span(o["attrs"], per_host)
+        if o["kind"] == "collective-permute":
+            span = _permute_span(o["attrs"], per_host)
+        else:
+            span = perf.hosts_spanned(perf.replica_groups(o["attrs"], num_devices), per_host)
         if span == 1:
             nvlink += o["wire_bytes"]
         else:
@@ -154,8 +156,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
         "collectives": {k: coll[k] for k in perf.KINDS + ("total",)},
         "top_collectives": coll.get("top_ops", []), "unknown_trip_counts": len(coll["unknown_trip_counts"]),
         "triton_kernels": triton_kernels(hlo), "model_flops_per_device": flops,
-        "roofline": {**roofline(flops, coll["ops"], gpu, per_host, mfu, link_efficiency), "mfu_assumed": mfu,
-                     "link_efficiency": link_efficiency},
+        "roofline": {**roofline(flops, coll["ops"], gpu, per_host, mfu, link_efficiency, len(devices)),
+                     "mfu_assumed": mfu, "link_efficiency": link_efficiency},
         "compile_seconds": seconds,
     }
 
@@ -177,7 +179,8 @@ def show(r: dict, out=sys.stdout) -> None:
     p = lambda s: print(s, file=out)
     p(f"> compiled for {r['gpus']} x {r['gpu']} ({r['gpus_per_host']} per host), mesh {r['mesh']}, "
       f"{r['train_type']}, seq {r['seq_len']}, global batch {r['global_batch']} ({r['num_micro']} micro-batch(es) "
-      f"of {r['micro_batch']}), kernels {_kernels(r['kernels'])}, transport {r['transport']}, in {r['compile_seconds']:.0f} s")
+      f"of {r['micro_batch']}), kernels {_kernels(r['kernels'])}, transport {r['transport']}, "
+      f"in {r['compile_seconds']:.0f} s")
     p(f"> memory per device: arguments {_gib(m['arguments'])} + temps {_gib(m['temps'])} + outputs "
       f"{_gib(m['outputs'])} - aliased {_gib(m['aliased'])} = {_gib(m['total'])} of {_gib(m['device'])} "
       f"({'headroom ' + _gib(m['headroom']) if m['headroom'] >= 0 else 'DOES NOT FIT by ' + _gib(-m['headroom'])})")

@@ -84,3 +84,10 @@ def test_pipeline_with_as_many_micro_batches_as_stages_under_tp_sp_is_one_error(
     par = build_parallel(t, get_preset("tiny"))
     with pytest.raises(ConfigError, match="2 micro-batch\\(es\\) for 2 pipeline stages"):
         build_step(t, get_preset("tiny"), par, 10)
+
+
+def test_roofline_groups_of_every_device_span_the_hosts():
+    every = {"kind": "all-reduce", "wire_bytes": 1e9, "attrs": "replica_groups={}, to_apply=%a"}
+    one_host = aot.roofline(0.0, [every], aot.GPUS["h100"], 8, 0.5, 1.0, num_devices=8)
+    two_hosts = aot.roofline(0.0, [every], aot.GPUS["h100"], 8, 0.5, 1.0, num_devices=16)
+    assert (one_host["nvlink_wire_bytes"], two_hosts["ib_wire_bytes"]) == (1e9, 1e9)
