@@ -98,11 +98,12 @@ class BuiltStep:
                             self.par.param_shapes, self.par.param_shardings)
 
 
-def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int) -> BuiltStep:
+def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=None) -> BuiltStep:
+    """`ptrain`: the run's lora.train.PartialTraining when the caller already made it (default: from t)."""
     from jaxmoe.lora.train import PartialTraining
 
     opts = model_options(t, mesh_platform(par))
-    ptrain = PartialTraining.from_train_config(t, c)
+    ptrain = ptrain or PartialTraining.from_train_config(t, c)
     optimizer = make_optimizer(t, train_iters)
     schedule = lr_schedule(t, train_iters)
     num_micro = micro_batches(t, par)

@@ -244,7 +244,7 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
     # Each process loads only the rows of every global batch that its own devices hold.
     train, valid = build_data(t, c, hf_dir, *par.process_batch_shard(), log)
     train_iters = t.train_iters or (t.max_epochs or 1) * train.steps_per_epoch
-    built = build_step(t, c, par, train_iters)
+    built = build_step(t, c, par, train_iters, ptrain)
     optimizer, num_micro = built.optimizer, built.num_micro
 
     # ---- state: init, HF weights, or checkpoint ---------------------------------------------------------
