@@ -112,15 +112,11 @@ def _recv_counts(send_counts):
     return jax.lax.all_to_all(send_counts[:, None], "expert", 0, 0, tiled=True)[:, 0]
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ragged_exchange(operand, send_counts, cap):
     """Move only the real rows: chunk i of `operand` (rows [i*cap, i*cap + send_counts[i])) lands at
     offset my_rank*cap of peer i's output. Output buffers are zero-initialised (unwritten rows stay 0).
-    Differentiable and batchable (the pipeline vmaps the MoE dispatch over stages): see _exchange."""
-    return _exchange(operand, send_counts, cap)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _exchange(operand, send_counts, cap):
+    Differentiable and batchable (the pipeline vmaps the MoE dispatch over stages)."""
     return _batchable_exchange(operand, send_counts, cap)
 
 
@@ -134,7 +130,7 @@ def _exchange_bwd(cap, recv_counts, ct):
     return _batchable_exchange(ct, recv_counts, cap), None
 
 
-_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+_ragged_exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
 def _ragged_a2a(operand, send_counts, cap):
