@@ -149,6 +149,19 @@ def shard_map_rest(fn, mesh, in_specs, out_specs):
     return fn
 
 
+def shard_kernel(fn, in_axes, out_axes):
+    """`fn` (a Pallas kernel call) run per device: a shard_map over the mesh whose operands are split as their
+    logical axes say (None: replicated). XLA cannot partition a kernel's custom call, so under GSPMD its
+    operands would be all-gathered and its work repeated on every device. Identity without a sharding
+    context."""
+    ctx = _CTX.get()
+    if ctx is None:
+        return fn
+    spec = lambda axes: P() if axes is None else logical_to_spec(axes, ctx.rules)
+    outs = spec(out_axes) if not isinstance(out_axes, list) else [spec(a) for a in out_axes]
+    return shard_map_rest(fn, ctx.mesh, tuple(spec(a) for a in in_axes), outs)
+
+
 def varying_axes(x) -> frozenset:
     """Manual axes over which x differs between devices (shard_map's varying-manual-axes type)."""
     return frozenset(jax.typeof(x).manual_axis_type.varying)

@@ -12,7 +12,8 @@ from jaxmoe.parallel.setup import build_parallel
 from jaxmoe.train.build import model_options
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import init_train_state, make_train_step
+from jaxmoe.train.build import build_step
+from jaxmoe.train.step import StepConfig, StepHooks, init_train_state, make_train_step
 from tests.train_utils import MICRO, packed_rows, train_config
 
 
@@ -34,8 +35,8 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
         params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
         mstate = jax.device_put(init_state(c), par.replicated)
         ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
-        step = jax.jit(make_train_step(c, opts, lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2,
-                                       **par.step_hooks()))
+        sc = StepConfig(lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2)
+        step = jax.jit(make_train_step(c, opts, sc, StepHooks.for_layout(par)))
         batch = par.put_batch(rows if rows is not None else batch_rows())
         if compiled:
             return step.lower(ts, batch).compile(), par
@@ -44,6 +45,43 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
             ts, m = step(ts, batch)
             ms.append(jax.device_get(m))
     return jax.device_get(ts), ms
+
+
+def run_built(mesh: str, n_devices: int, c=MICRO, rows=None, **kw):
+    """One step of the trainer's own step (train.build.build_step: full or partial training) on `mesh`;
+    -> (trainable state on host, metrics)."""
+    args = dict(mesh=mesh, global_batch_size=8, micro_batch_size=1, max_length=64, lr=1e-3, min_lr=1e-4,
+                adam_eps=1e-3, lr_warmup_iters=0)
+    t = train_config(**{**args, **kw})
+    par = build_parallel(t, c, jax.devices()[:n_devices])
+    built = build_step(t, c, par, 10)
+    with par.context():
+        if built.ptrain is None:
+            params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+        else:
+            params = jax.jit(lambda k: init_params(c, k, t.dtype), out_shardings=par.param_shardings)(
+                jax.random.key(1))
+        mstate = jax.device_put(init_state(c), par.replicated)
+        if built.ptrain is None:
+            ts, frozen = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
+                                 out_shardings=par.state_shardings(built.optimizer))(params, mstate), None
+        else:
+            ts = built.ptrain.init_train_state(params, mstate, built.optimizer, par)
+            frozen = par.stage_frozen(params)
+        ts, m = built.step(ts, par.put_batch(rows if rows is not None else batch_rows()), frozen)
+    return jax.device_get(ts), jax.device_get(m)
+
+
+def check_built_equivalence(mesh: str, n_devices: int, c=MICRO, ref=None, **kw):
+    """run_built on `mesh` equals it on one device (loss terms 1e-5, expert load exactly, every trainable
+    parameter 1e-5 relative). Returns the single-device result."""
+    ts, m = run_built(mesh, n_devices, c, **kw)
+    ref_ts, ref_m = ref if ref is not None else run_built("", 1, c, **kw)
+    for key in ("lm_loss", "mtp_loss", "grad_norm", "aux_loss"):
+        np.testing.assert_allclose(float(m[key]), float(ref_m[key]), rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(np.asarray(m["expert_load"]), np.asarray(ref_m["expert_load"]))
+    assert_states_close(ts, ref_ts)
+    return ref_ts, ref_m
 
 
 def assert_states_close(a, b, rtol=1e-5):

@@ -17,7 +17,7 @@ from jaxmoe.model.transformer import default_batch, forward, lm_logits, logits_f
 from jaxmoe.parallel.setup import build_parallel
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import make_train_step
+from jaxmoe.train.step import StepConfig, StepHooks, make_train_step
 from tests.train_utils import MICRO, packed_rows, train_config
 
 OPTS = ModelOptions()
@@ -72,9 +72,8 @@ def _lora_train(t, params, state, steps=2, devices=None):
     frozen = jax.device_put(params, par.param_shardings)
     ts = pt.init_train_state(frozen, jax.device_put(state, par.replicated), opt, par)
     ts0 = jax.tree.map(np.asarray, ts)
-    cp, gt, combine, _ = pt.make_hooks(par)
-    step = jax.jit(make_train_step(MICRO, OPTS, LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 2, t.clip_grad,
-                                   0.0, compute_params=cp, grad_transform=gt, combine=combine))
+    sc = StepConfig(LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 2, t.clip_grad, 0.0)
+    step = jax.jit(make_train_step(MICRO, OPTS, sc, StepHooks(**pt.make_hooks(par))))
     rows = packed_rows(64, n=4)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in rows.items()}, par.batch_sharding())
     with par.context():
@@ -179,15 +178,15 @@ def test_lora_step_memory_far_below_full():
                  ("input_ids", "labels", "positions", "segment_ids", "loss_mask")}
         opts = ModelOptions(compute_dtype="bfloat16")
         if tt == "full":
-            step = make_train_step(c, opts, LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 1, 1.0, 1e-3)
+            sc = StepConfig(LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 1, 1.0, 1e-3)
+            step = make_train_step(c, opts, sc)
             ts = jax.eval_shape(lambda: __import__("jaxmoe.train.step", fromlist=["x"]).init_train_state(
                 param_shapes(c), init_state(c), opt))
             args = (ts, batch)
         else:
             pt = PartialTraining.from_train_config(t, c)
-            cp, gt, combine, _ = pt.make_hooks(par)
-            step = make_train_step(c, opts, LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 1, 1.0, 0.0,
-                                   compute_params=cp, grad_transform=gt, combine=combine)
+            sc = StepConfig(LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 1, 1.0, 0.0)
+            step = make_train_step(c, opts, sc, StepHooks(**pt.make_hooks(par)))
             frozen = param_shapes(c, jnp.bfloat16)
             ts = jax.eval_shape(lambda: __import__("jaxmoe.train.step", fromlist=["x"]).init_train_state(
                 pt.trainable_abstract(), init_state(c), opt))

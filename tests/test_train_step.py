@@ -9,7 +9,7 @@ from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.params import init_params, init_state
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import init_train_state, make_train_step
+from jaxmoe.train.step import StepConfig, init_train_state, make_train_step
 from tests.train_utils import MICRO, packed_rows, train_config
 
 OPTS = ModelOptions()
@@ -50,8 +50,8 @@ def test_packed_loss_equals_sum_of_samples(model):
 def _step(num_micro, t=None, rate=1e-3, opt=None, aux=1e-3):
     t = t or train_config()
     opt = opt or make_optimizer(t, 10)
-    step = make_train_step(MICRO, OPTS, LossOptions(mtp_layers=1, aux_coeff=aux), opt, lr_schedule(t, 10),
-                           num_micro, t.clip_grad, rate)
+    step = make_train_step(MICRO, OPTS, StepConfig(LossOptions(mtp_layers=1, aux_coeff=aux), opt, lr_schedule(t, 10),
+                                                   num_micro, t.clip_grad, rate))
     return opt, jax.jit(step)
 
 

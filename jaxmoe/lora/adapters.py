@@ -219,32 +219,54 @@ def count_lora_params(c: ModelConfig, lc: LoraConfig) -> int:
 # ---- forward -------------------------------------------------------------------------------------------
 def attach(params: dict, lora: dict, lc: LoraConfig, dtype=None, key: jax.Array | None = None) -> dict:
     """params with each group's adapters under "lora": B pre-multiplied by the scale, both cast to `dtype`.
-    With `key` and dropout > 0, per-layer dropout keys ride along (training)."""
+    With `key` and dropout > 0, per-layer dropout keys ride along (training, see dropout_keys)."""
     scale = lc.scale
 
-    def prep(units: dict, gid: int) -> dict:
-        out = {}
-        for name, unit in units.items():
-            out[name] = {k: ((v.astype(jnp.float32) * scale) if k.startswith("b") else v).astype(dtype or v.dtype)
-                         for k, v in unit.items()}
-        if key is not None and lc.dropout > 0:
-            n = jax.tree.leaves(units)[0].shape[0]
-            out["_key"] = jax.random.split(jax.random.fold_in(key, gid), n)
-            out["_rate"] = jnp.full((n,), lc.dropout, jnp.float32)
-        return out
+    def prep(units: dict) -> dict:
+        return {name: {k: ((v.astype(jnp.float32) * scale) if k.startswith("b") else v).astype(dtype or v.dtype)
+                       for k, v in unit.items()} for name, unit in units.items()}
 
     full = dict(params)
-    for gid, g in enumerate(("dense", "moe")):
+    for g in ("dense", "moe"):
         if g in lora:
-            full[g] = {**params[g], "lora": prep(lora[g], gid)}
+            full[g] = {**params[g], "lora": prep(lora[g])}
     if "mtp" in lora:
         m = dict(params["mtp"])
         if "layer" in lora["mtp"]:
-            m["layer"] = {**m["layer"], "lora": prep(lora["mtp"]["layer"], 2)}
+            m["layer"] = {**m["layer"], "lora": prep(lora["mtp"]["layer"])}
         if "eh_proj" in lora["mtp"]:
-            m["lora"] = prep({"eh_proj": lora["mtp"]["eh_proj"]}, 3)
+            m["lora"] = prep({"eh_proj": lora["mtp"]["eh_proj"]})
         full["mtp"] = m
-    return full
+    return dropout_keys(full, lc, key) if key is not None else full
+
+
+def dropout_keys(params: dict, lc: LoraConfig, key: jax.Array, moe_layer_ids=None) -> dict:
+    """params (with adapters attached) plus each adapted group's per-layer LoRA-dropout keys: layer l of group g
+    draws from fold_in(fold_in(key, g), l), so one stage's slice of the MoE stack (the pipeline) gets the same
+    masks as the whole stack: `moe_layer_ids` are the global indices of the layers params["moe"] holds."""
+    if lc.dropout <= 0:
+        return params
+
+    def keyed(group: dict, gid: int, ids=None) -> dict:
+        ad = group["lora"]
+        n = jax.tree.leaves({k: v for k, v in ad.items() if not k.startswith("_")})[0].shape[0]
+        ids = jnp.arange(n) if ids is None else ids
+        gk = jax.random.fold_in(key, gid)
+        keys = jax.vmap(lambda i: jax.random.fold_in(gk, i))(ids)
+        return {**group, "lora": {**ad, "_key": keys, "_rate": jnp.full(ids.shape, lc.dropout, jnp.float32)}}
+
+    out = dict(params)
+    for gid, g in enumerate(("dense", "moe")):
+        if g in out and "lora" in out[g]:
+            out[g] = keyed(out[g], gid, moe_layer_ids if g == "moe" else None)
+    if "mtp" in out:
+        m = dict(out["mtp"])
+        if "layer" in m and "lora" in m["layer"]:
+            m["layer"] = keyed(m["layer"], 2)
+        if "lora" in m:
+            m = keyed(m, 3)
+        out["mtp"] = m
+    return out
 
 
 def _drop(x, lora: dict, unit: str):

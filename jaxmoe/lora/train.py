@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.lora.adapters import LoraConfig, attach, get_extras, init_lora, lora_specs, put_extras, select_extras
+from jaxmoe.lora.adapters import LoraConfig, attach, dropout_keys, get_extras, init_lora, lora_specs, put_extras, select_extras
 from jaxmoe.mesh import logical_to_spec
 from jaxmoe.model.params import is_spec
 
@@ -102,18 +102,14 @@ class PartialTraining:
                        out_shardings=self.state_shardings(par, optimizer))(base, model_state)
 
     # ---- step hooks ------------------------------------------------------------------------------------
-    def make_hooks(self, par):
-        """(compute_params, grad_transform, combine, combine_eval) for make_train_step / make_eval_step."""
+    def make_hooks(self, par) -> dict:
+        """The partial-training fields of train.step.StepHooks: compute_params, grad_transform, combine (and
+        adapt under the pipeline), param_shardings, frozen_shardings."""
+        self._check_layout(par)
         master_sh, comp_sh = self.trainable_shardings(par), self.compute_shardings(par)
-        experts = self.lc is not None and any(u.startswith("experts_") for u in self.lc.units())
-        if experts and par.dispatch is not None and "lora" not in inspect.signature(par.dispatch).parameters:
-            raise ConfigError(f"--mesh {par.describe()}: the expert-parallel dispatch does not carry LoRA adapters "
-                              "of routed experts yet; use ep=1, or --target_modules without routed experts "
-                              "(e.g. linear_qkv linear_proj shared_experts)")
-        if experts and par.spec.etp > 1:
-            raise ConfigError(f"--expert_tensor_parallel_size {par.spec.etp}: LoRA adapters of routed experts need "
-                              "expert tensor parallel size 1; use 1, or --target_modules without routed experts")
         wsc = jax.lax.with_sharding_constraint
+        pipe = par.pipeline
+        keyed = self.lc is not None and self.lc.dropout > 0
 
         def compute_params(tr, dtype):
             # adapters stay fp32 until `attach` has scaled B; extras are cast like full-training params
@@ -125,16 +121,42 @@ class PartialTraining:
         def grad_transform(g):
             return jax.tree.map(wsc, g, master_sh)
 
+        def micro_key(iteration, micro):
+            return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), iteration), micro)
+
         def combine(tr, frozen, iteration=None, micro=None):
-            full = put_extras(frozen, tr["extra"], self.dtype) if "extra" in tr else frozen
+            # under the pipeline the weights stay fp32 here (each stage call casts them: fp32 gradient sums)
+            full = put_extras(frozen, tr["extra"], None if pipe else self.dtype) if "extra" in tr else frozen
             if self.lc is None:
                 return full
-            key = None
-            if iteration is not None and self.lc.dropout > 0:
-                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), iteration), micro)
-            return attach(full, tr["lora"], self.lc, self.dtype, key)
+            lora = tr["lora"]
+            if pipe is not None and "moe" in lora:
+                lora = {**lora, "moe": jax.tree.map(pipe.to_stages, lora["moe"])}
+            key = micro_key(iteration, micro) if iteration is not None and keyed and pipe is None else None
+            return attach(full, lora, self.lc, jnp.float32 if pipe else self.dtype, key)
 
-        return compute_params, grad_transform, combine, lambda tr, frozen: combine(tr, frozen)
+        def adapt(tree, iteration, micro, moe_layer_ids):
+            return dropout_keys(tree, self.lc, micro_key(iteration, micro), moe_layer_ids)
+
+        return dict(compute_params=compute_params, grad_transform=grad_transform, combine=combine,
+                    adapt=adapt if pipe is not None and keyed else None, param_shardings=comp_sh,
+                    frozen_shardings=par.frozen_shardings)
+
+    def _check_layout(self, par):
+        experts = self.lc is not None and any(u.startswith("experts_") for u in self.lc.units())
+        if experts and par.dispatch is not None and "lora" not in inspect.signature(par.dispatch).parameters:
+            raise ConfigError(f"--mesh {par.describe()}: the expert-parallel dispatch does not carry LoRA adapters "
+                              "of routed experts yet; use ep=1, or --target_modules without routed experts "
+                              "(e.g. linear_qkv linear_proj shared_experts)")
+        if experts and par.spec.etp > 1:
+            raise ConfigError(f"--expert_tensor_parallel_size {par.spec.etp}: LoRA adapters of routed experts need "
+                              "expert tensor parallel size 1; use 1, or --target_modules without routed experts")
+        staged = [p for p in self.extra_paths if p.startswith("moe/")]
+        if par.pipeline is not None and staged:
+            raise ConfigError(f"--mesh {par.describe()}: training parameters of the pipelined MoE layer stack "
+                              f"({staged[0]}, ...) besides LoRA adapters is not supported under pipeline "
+                              "parallelism yet; freeze them (--modules_to_save / --trainable_parameters / "
+                              "--freeze_parameters) or use pp=1")
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def load_adapters(self, directory: str, ts: dict, par) -> dict:

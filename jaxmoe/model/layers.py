@@ -10,9 +10,13 @@ import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.lora import lora_fc1, lora_fc2, lora_out, lora_qkv
-from jaxmoe.mesh import constrain, current_context
+from jaxmoe.mesh import constrain, current_context, shard_kernel
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model import reference_ops
+
+
+Q_AXES = ("batch", "length_attn", "heads", "head_dim")
+KV_AXES = ("batch", "length_attn", "kv_heads", "head_dim")
 
 
 def ops_for(opts: ModelOptions):
@@ -23,9 +27,18 @@ def ops_for(opts: ModelOptions):
     return get_ops(KernelConfig.from_flag(opts.kernels, interpret), backend=opts.platform)
 
 
-def rms_norm(x, weight, eps, opts: ModelOptions):
-    """HF Glm4MoeRMSNorm: normalise in fp32, cast back, then scale by the weight."""
-    return ops_for(opts).rms_norm(x, weight.astype(x.dtype), eps)
+def uses_pallas(opts: ModelOptions, op: str) -> bool:
+    return getattr(ops_for(opts), "choice", {}).get(op) == "pallas"
+
+
+def rms_norm(x, weight, eps, opts: ModelOptions, axes=None):
+    """HF Glm4MoeRMSNorm: normalise in fp32, cast back, then scale by the weight. `axes`: x's logical axes
+    (default: the hidden states', ACT), which the Pallas kernel runs split by (mesh.shard_kernel)."""
+    norm = lambda x, w: ops_for(opts).rms_norm(x, w, eps)
+    if uses_pallas(opts, "rms_norm"):
+        axes = axes or ("batch", "length", "embed")[-x.ndim:]
+        norm = shard_kernel(norm, (axes, None), axes)
+    return norm(x, weight.astype(x.dtype))
 
 
 def rope_tables(positions, c: ModelConfig):
@@ -60,8 +73,8 @@ def qkv_proj(p, x, positions_rope, c: ModelConfig, opts: ModelOptions):
         k = k + p["bk"].astype(dt)
         v = v + p["bv"].astype(dt)
     if "q_norm" in p:
-        q = rms_norm(q, p["q_norm"], c.rms_norm_eps, opts)
-        k = rms_norm(k, p["k_norm"], c.rms_norm_eps, opts)
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps, opts, Q_AXES)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps, opts, KV_AXES)
     cos, sin = positions_rope
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -77,11 +90,12 @@ def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions,
     context-parallel callers can pass their chunk's global indices. Packed segments never attend across.
     """
     q, k, v = qkv_proj(p, x, rope, c, opts)
-    q = constrain(q, ("batch", "length_attn", "heads", "head_dim"))
-    k = constrain(k, ("batch", "length_attn", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length_attn", "kv_heads", "head_dim"))
+    q = constrain(q, Q_AXES)
+    k = constrain(k, KV_AXES)
+    v = constrain(v, KV_AXES)
     ctx = current_context()
-    if ctx is not None and ctx.mesh.shape["sequence"] > 1:  # context parallel: keys span all sequence ranks
+    # context parallel (keys span all sequence ranks), or a Pallas kernel, which must run per device
+    if ctx is not None and (ctx.mesh.shape["sequence"] > 1 or uses_pallas(opts, "attention")):
         from jaxmoe.parallel.context import context_attention
         out = context_attention(ops_for(opts).attention, q, k, v, segment_ids, token_index, ctx.mesh, ctx.rules)
     else:

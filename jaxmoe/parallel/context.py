@@ -96,12 +96,13 @@ def context_attention(attention: Callable, q, k, v, segment_ids, token_index, me
         token_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
+    cp = mesh.shape["sequence"]  # 1: a Pallas kernel run per device (mesh.shard_kernel)
     q_spec = logical_to_spec(("batch", "length_attn", "heads", "head_dim"), rules)
     kv_spec = logical_to_spec(("batch", "length_attn", "kv_heads", "head_dim"), rules)
     tok_spec = logical_to_spec(("batch", "length_attn"), rules)
 
     def local(q, k, v, seg, idx):
-        gather = lambda x: jax.lax.all_gather(x, "sequence", axis=1, tiled=True)
+        gather = lambda x: jax.lax.all_gather(x, "sequence", axis=1, tiled=True) if cp > 1 else x
         return attention(q, gather(k), gather(v), q_segment_ids=seg, kv_segment_ids=gather(seg), q_index=idx,
                          kv_index=gather(idx), causal=True)
 

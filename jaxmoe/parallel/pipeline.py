@@ -133,9 +133,12 @@ def _pad_micro(tree, Mp: int):
 
 
 def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptions, layout: PipelineLayout,
-                  dispatch=None):
+                  dispatch=None, adapt=None):
     """Sum over the M micro-batches mbs ([M, B, T] fields) of train.loss.micro_loss, computed by the pipeline.
     params["moe"] is in the staged layout [S, slots, ...]; state["moe_bias"] is canonical [L, E].
+    `adapt(tree, m, layer_ids)`: what micro-batch m adds to the (compute-dtype) weights, e.g. LoRA-dropout
+    keys (lora/train.py); `tree` is the unstaged part of params or {"moe": one stage's slice}, whose MoE
+    layers are layer_ids [slots] (None: the unstaged part).
     Returns (objective_sum, stats) with stats summed over micro-batches, moe_counts canonical [L, E]."""
     from jaxmoe.train.loss import loss_terms
 
@@ -144,21 +147,26 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     padded = _pad_micro(mbs, Mp)
     rest = {k: v for k, v in params.items() if k != "moe"}
 
-    def pre(p, mb):  # embedding and dense layers of one micro-batch
-        p = _cast(p, opts.dtype)
+    adapt = adapt or (lambda tree, m, ids: tree)
+    micro_ids = jnp.arange(Mp)
+
+    def pre(p, args):  # embedding and dense layers of one micro-batch
+        mb, m = args
+        p = adapt(_cast(p, opts.dtype), m, None)
         h = embed_tokens(p, mb["input_ids"], opts)
         if "dense" in p:
             h, _ = run_stack(p["dense"], None, h, make_context(mb, c), c, opts)
         return h
 
-    x = constrain(_over_stages(pre, padded, S, rest), MICRO_ACT)  # every stage reads micro-batch i at iteration i
+    x = constrain(_over_stages(pre, (padded, micro_ids), S, rest), MICRO_ACT)  # every stage reads micro-batch i at iteration i
 
     valid = jnp.asarray(layout.valid())
     biases = layout.to_stages(state["moe_bias"])
+    layer_ids = layout.to_stages(jnp.arange(c.num_moe_layers))
 
     @jax.checkpoint  # keep only the stage input per iteration (GPipe with full stage recomputation)
-    def stage_fn(stack, bias, ok, h, mb):
-        stack = _cast(stack, opts.dtype)
+    def stage_fn(stack, bias, ok, ids, h, mb, m):
+        stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
         ctx = make_context(mb, c)
 
         def body(carry, xs):
@@ -179,7 +187,7 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
         mb["segment_ids"] = jnp.where(live[:, None, None], mb["segment_ids"], 0)  # bubble: padding tokens
         first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=True)
         h = jnp.where((stage_ids == 0)[:, None, None, None], first, jnp.roll(prev, 1, axis=0))
-        out, st = jax.vmap(stage_fn, spmd_axis_name="stage")(params["moe"], biases, valid, h, mb)
+        out, st = jax.vmap(stage_fn, spmd_axis_name="stage")(params["moe"], biases, valid, layer_ids, h, mb, m)
         outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(i - (S - 1), 0), 0)
         keep = valid & live[:, None]
         counts = counts + jnp.where(keep[..., None], st["counts"], 0)
@@ -193,14 +201,14 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     outs = constrain(outs, MICRO_ACT)
 
     def post(p, args):  # final norm, head, loss and MTP of one micro-batch
-        h, mb = args
-        p = _cast(p, opts.dtype)
+        h, mb, m = args
+        p = adapt(_cast(p, opts.dtype), m, None)
         ctx = make_context(mb, c)
         hf, extra = finish_forward(p, state, h, {"aux_loss": jnp.zeros((), jnp.float32)}, mb, ctx, c, opts,
                                    with_mtp=lo.mtp_layers > 0, dispatch=dispatch, mtp_layers=lo.mtp_layers)
         return loss_terms(p, hf, extra, mb, lo, opts)
 
-    obj, stats = _over_stages(post, (outs, padded), S, rest)
+    obj, stats = _over_stages(post, (outs, padded, micro_ids), S, rest)
     stats = jax.tree.map(lambda a: a.sum(0), stats)
     stats["aux_loss"] = stats["aux_loss"] + aux
     stats["moe_counts"] = layout.from_stages(counts)

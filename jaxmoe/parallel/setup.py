@@ -179,6 +179,21 @@ class Parallel:
             return self.param_shardings
         return {**self.param_shardings, "moe": self.staged_shardings}
 
+    @property
+    def frozen_shardings(self):
+        """Layout of the frozen base of partial training: the compute layout, params["moe"] staged under the
+        pipeline (kept staged for the whole run, see stage_frozen)."""
+        return self.compute_shardings()
+
+    def stage_frozen(self, params):
+        """The frozen base (compute dtype, param_shardings) -> frozen_shardings: params["moe"] re-laid out per
+        stage once, at load time."""
+        if self.pipeline is None:
+            return params
+        stage = lambda a, s: jax.jit(self.pipeline.to_stages, out_shardings=s)(a)
+        moe = jax.tree.map(stage, params["moe"], self.staged_shardings)
+        return {**params, "moe": moe}
+
     def compute_params(self, params, dtype):
         """Master params -> compute-dtype params in the TP/EP layout (cast first: half the all-gather bytes).
         Under the pipeline params["moe"] comes out staged, [S, slots, ...] sharded over `stage`."""
@@ -228,12 +243,6 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     if spec.stage > 1:
         pipeline = split_layers(c, spec.stage, getattr(t, "decoder_first_pipeline_num_layers", None),
                                 getattr(t, "decoder_last_pipeline_num_layers", None))
-        if spec.sequence > 1:
-            raise MeshError(f"--mesh {spec.describe()}: context parallelism (cp) together with pipeline stages "
-                            "(pp) is not supported yet; use one of them")
-        if getattr(t, "train_type", "full") != "full":
-            raise MeshError(f"--mesh {spec.describe()}: pipeline parallelism trains full weights only; use "
-                            "--train_type full, or a mesh without pp for LoRA")
     elif getattr(t, "decoder_first_pipeline_num_layers", None) or getattr(t, "decoder_last_pipeline_num_layers",
                                                                           None):
         raise MeshError("--decoder_first/last_pipeline_num_layers need pipeline stages: add pp=N to --mesh")

@@ -22,7 +22,7 @@ from jaxmoe.model.options import ModelOptions
 from jaxmoe.train.args import TrainConfig
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import init_train_state, make_eval_step, make_train_step
+from jaxmoe.train.step import StepConfig, StepHooks, init_train_state, make_eval_step, make_train_step
 
 
 def mesh_platform(par) -> str:
@@ -94,8 +94,12 @@ class BuiltStep:
         """The frozen base of partial training (compute dtype, TP/EP layout) as shape structs; None for full."""
         if self.ptrain is None:
             return None
+        shapes = self.par.param_shapes
+        if self.par.pipeline is not None:  # the frozen MoE stack is kept staged (Parallel.stage_frozen)
+            shapes = {**shapes, "moe": jax.eval_shape(lambda m: jax.tree.map(self.par.pipeline.to_stages, m),
+                                                      shapes["moe"])}
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.opts.dtype, sharding=sh),
-                            self.par.param_shapes, self.par.param_shardings)
+                            shapes, self.par.frozen_shardings)
 
 
 def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=None) -> BuiltStep:
@@ -115,13 +119,9 @@ def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=Non
                           "(a larger --global_batch_size or a smaller --micro_batch_size)")
     mtp_layers = c.num_nextn_predict_layers if t.mtp_num_layers is None else t.mtp_num_layers
     lo = LossOptions(mtp_layers=mtp_layers, mtp_scale=t.mtp_loss_scaling_factor, aux_coeff=t.moe_aux_loss_coeff)
-    hooks = par.step_hooks()
-    combine_eval = None
-    if ptrain is not None:
-        cp, gt, combine, combine_eval = ptrain.make_hooks(par)
-        hooks.update(compute_params=cp, grad_transform=gt, combine=combine,
-                     param_shardings=ptrain.compute_shardings(par), frozen_shardings=par.param_shardings)
+    hooks = StepHooks.for_layout(par, **(ptrain.make_hooks(par) if ptrain is not None else {}))
     bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
-    step_fn = make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate, **hooks)
-    eval_fn = make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval, par=par, num_micro=num_micro)
+    sc = StepConfig(lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate)
+    step_fn = make_train_step(c, opts, sc, hooks)
+    eval_fn = make_eval_step(c, opts, hooks, num_micro)
     return BuiltStep(t, c, par, opts, lo, optimizer, schedule, num_micro, ptrain, step_fn, eval_fn)

@@ -267,7 +267,7 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
         ts = jax.jit(lambda p, s: init_train_state(p, s, optimizer), out_shardings=par.state_shardings(optimizer))(
             params, mstate)
     else:
-        ts, frozen = ptrain.init_train_state(params, mstate, optimizer, par), params
+        ts, frozen = ptrain.init_train_state(params, mstate, optimizer, par), par.stage_frozen(params)
         if t.adapter_load and not resume_dir:
             ts = ptrain.load_adapters(t.adapter_load, ts, par)
             log(f"> adapters from {t.adapter_load}")
@@ -301,7 +301,7 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
     ckpt = ckpt_lib.Checkpointer(t.save, t.save_total_limit, t.async_save) if t.save else None
     if t.save and is_main:
         write_run_files(t, c, hf_dir, logger.info)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen if ptrain else ts["params"]))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(par.param_shapes))
     if ptrain is not None:
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ts["params"]))
         logger.info(f"> {t.train_type}: training {n_train / 1e6:.3f}M params ({100 * n_train / n_params:.3f}%)"
