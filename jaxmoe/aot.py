@@ -77,7 +77,11 @@ def triton_kernels(hlo_text: str) -> dict[str, int]:
     """Pallas kernels lowered through Triton (custom calls) and XLA's own Triton fusions in a compiled module."""
     pallas = len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton"', hlo_text))
     fusions = len(re.findall(r'"kind":"__triton[a-z_]*"', hlo_text))
-    return {"pallas": pallas, "xla_triton_fusions": fusions}
+    # collectives the partitioner put on a kernel's operands: a kernel left to GSPMD (not in a shard_map)
+    # gets them all-gathered and its work repeated on every device (mesh.shard_kernel)
+    around = len(re.findall(r"= [^\n]*(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                            r"(?:-start)?\([^\n]*op_name=\"[^\"]*pallas_call", hlo_text))
+    return {"pallas": pallas, "xla_triton_fusions": fusions, "collectives_on_kernel_operands": around}
 
 
 def roofline(flops_per_device: float, ops: list[dict], gpu: GpuType, per_host: int, mfu: float,
@@ -195,7 +199,8 @@ def show(r: dict, out=sys.stdout) -> None:
         p(f"    {o['kind']:<19} group {o['group']:>3}  x{o['executions']:<5} payload {o['payload_bytes'] / 1e9:8.3f} GB"
           f"  {o['name']} in {o['computation']}")
     tk = r["triton_kernels"]
-    p(f"> Triton: {tk['pallas']} Pallas kernels, {tk['xla_triton_fusions']} XLA Triton fusions")
+    p(f"> Triton: {tk['pallas']} Pallas kernels, {tk['xla_triton_fusions']} XLA Triton fusions, "
+      f"{tk.get('collectives_on_kernel_operands', 0)} collectives on kernel operands")
     p(f"> model FLOPs per device per step {r['model_flops_per_device'] / 1e12:.1f} TFLOP; roofline: compute "
       f"{rf['compute_s']:.3f} s at {rf['mfu_assumed']:.0%} MFU + communication {rf['comm_s']:.3f} s at "
       f"{rf['link_efficiency']:.0%} of the link rates = {step:.3f} s per step (MFU {r['estimated_mfu']:.1%}; "
