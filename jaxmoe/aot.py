@@ -158,6 +158,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
                    "aliased": ma.alias_size_in_bytes, "temps": ma.temp_size_in_bytes, "total": total,
                    "device": gpu.memory_bytes, "headroom": gpu.memory_bytes - total},
         "collectives": {k: coll[k] for k in perf.KINDS + ("total",)},
+        "collective_model": perf.collective_model(par, t.micro_batch_size * t.max_length, c.hidden_size,
+                                                  built.num_micro, c),
         "top_collectives": coll.get("top_ops", []), "unknown_trip_counts": len(coll["unknown_trip_counts"]),
         "triton_kernels": triton_kernels(hlo), "model_flops_per_device": flops,
         "roofline": {**roofline(flops, coll["ops"], gpu, per_host, mfu, link_efficiency, len(devices)),
@@ -191,6 +193,12 @@ def show(r: dict, out=sys.stdout) -> None:
     p(f"> collectives per device per step: payload {col['total']['payload_bytes'] / 1e9:.2f} GB, wire "
       f"{col['total']['wire_bytes'] / 1e9:.2f} GB ({rf['nvlink_wire_bytes'] / 1e9:.2f} GB NVLink, "
       f"{rf['ib_wire_bytes'] / 1e9:.2f} GB InfiniBand)")
+    if "collective_model" in r:
+        m = r["collective_model"]
+        parts = ", ".join(f"{k} {m[k] / 1e9:.1f}" for k in ("grad_reduce", "param_gather", "tensor", "expert",
+                                                            "pipeline") if m.get(k))
+        p(f"> analytic minimum payload (jaxmoe.perf.collective_model) {m['total'] / 1e9:.2f} GB ({parts}): the "
+          f"step moves {col['total']['payload_bytes'] / max(m['total'], 1):.2f}x that")
     for k in perf.KINDS:
         if col[k]["executions"]:
             p(f"    {k:<19} {col[k]['executions']:>6} executions  payload {col[k]['payload_bytes'] / 1e9:9.3f} GB")

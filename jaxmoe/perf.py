@@ -348,30 +348,44 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
                     backward (attention out, MLP out), per layer incl. MTP;
       expert:       each token's top-k copies sent to their experts and back, forward and backward (4 passes),
                     the share (ep-1)/ep leaving the device, [copies, hidden] rows.
+      pipeline:     (pp > 1) each stage's output hidden states handed to the next stage once per iteration
+                    forward and backward, and the embedded inputs / last-stage outputs, computed by the stages in
+                    shares, replicated to every stage (an all-gather of M hidden states each, both passes).
+    Under pp a device holds and runs its stage's layers only (1/pp of the layer stack's weights, gradients
+    and per-layer traffic); the rest (embedding, head, dense layers) is replicated over the stages, which
+    share its micro-batches, so its gradient is summed over `stage` too.
     `total` (the minimum) leaves out grad_reduce_per_micro. tokens_per_micro: rows x length of one micro-batch
     of one data rank; TP activations are per sequence shard (tokens / cp), MoE tokens are split over tensor and
     sequence too (tokens / (tp cp))."""
     spec = par.spec
-    sizes = {"data": spec.data, "expert": spec.expert, "sequence": spec.sequence}
+    S = spec.stage
+    sizes = {"data": spec.data, "expert": spec.expert, "sequence": spec.sequence, "stage": S}
     reduce = reduce_all = gather = 0
     flat = jax.tree_util.tree_flatten_with_path(par.param_shapes)[0]
     for (path, s), psh, msh in zip(flat, jax.tree.leaves(par.param_shardings), jax.tree.leaves(par.master_shardings)):
         local = compute_bytes * int(np.prod(psh.shard_shape(s.shape)))
         used = _mesh_axes(psh)
+        if S > 1 and jax.tree_util.keystr(path).startswith("['moe']"):
+            local, used = local // S, used | {"stage"}
         if any(n > 1 and ax not in used for ax, n in sizes.items()):
             reduce_all += local
             if jax.tree_util.keystr(path) != "['embed']":
                 reduce += local
         if _mesh_axes(msh) - used:  # ZeRO-split over some replica axis: gathered into the compute layout
             gather += local
-    out = {"grad_reduce": float(reduce), "param_gather": float(gather), "tensor": 0.0, "expert": 0.0}
+    out = {"grad_reduce": float(reduce), "param_gather": float(gather), "tensor": 0.0, "expert": 0.0,
+           "pipeline": 0.0}
+    hidden_bytes = tokens_per_micro // (spec.sequence * (spec.tensor if par.rules.get("length") != "sequence"
+                                                         else 1)) * hidden * compute_bytes
+    if S > 1:
+        out["pipeline"] = (2.0 * (num_micro + S - 1) + 4.0 * num_micro * (S - 1) / S) * hidden_bytes
     if c is not None:
-        layers = c.num_hidden_layers + c.num_nextn_predict_layers
+        layers = (c.num_hidden_layers + c.num_nextn_predict_layers) / S
         if spec.tensor > 1:
             out["tensor"] = 4.0 * layers * tokens_per_micro // spec.sequence * hidden * compute_bytes * num_micro
         ep = spec.ep_size  # the expert-parallel group, folded tensor / sequence ranks included
         if ep > 1:
-            moe_layers = c.num_moe_layers + c.num_nextn_predict_layers
+            moe_layers = (c.num_moe_layers + c.num_nextn_predict_layers) / S
             copies = tokens_per_micro // (spec.tensor * spec.sequence) * c.num_experts_per_tok
             out["expert"] = 4.0 * moe_layers * copies * hidden * compute_bytes * num_micro * (ep - 1) / ep
     out["total"] = sum(out.values())
