@@ -133,10 +133,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
     par = build_parallel(t, c, devices)
     built = build_step(t, c, par, t.train_iters or 1000)
     t0 = time.perf_counter()
-    with par.context():
-        lowered = built.step.lower(built.abstract_state(), perf.abstract_batch(par, t.global_batch_size,
-                                                                                 t.max_length),
-                                   built.abstract_frozen())
+    lowered = built.step.lower(built.abstract_state(), perf.abstract_batch(par, t.global_batch_size, t.max_length),
+                               built.abstract_frozen())
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     hlo = compiled.as_text()

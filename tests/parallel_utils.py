@@ -27,22 +27,21 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
     t = train_config(**{**args, **kw})
     devices = jax.devices()[:n_devices]
     par = build_parallel(t, c, devices)
-    opts = model_options(t)
+    opts = model_options(t, sharding=par.sharding)
     opt = make_optimizer(t, 10)
     lo = LossOptions(mtp_layers=c.num_nextn_predict_layers, aux_coeff=1e-2)
-    with par.context():
-        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-        mstate = jax.device_put(init_state(c), par.replicated)
-        ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
-        step = jax.jit(make_train_step(c, opts, lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2,
-                                       **par.step_hooks()))
-        batch = par.put_batch(rows if rows is not None else batch_rows())
-        if compiled:
-            return step.lower(ts, batch).compile(), par
-        ms = []
-        for _ in range(steps):
-            ts, m = step(ts, batch)
-            ms.append(jax.device_get(m))
+    params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+    mstate = jax.device_put(init_state(c), par.replicated)
+    ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+    step = jax.jit(make_train_step(c, opts, lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2,
+                                   **par.step_hooks()))
+    batch = par.put_batch(rows if rows is not None else batch_rows())
+    if compiled:
+        return step.lower(ts, batch).compile(), par
+    ms = []
+    for _ in range(steps):
+        ts, m = step(ts, batch)
+        ms.append(jax.device_get(m))
     return jax.device_get(ts), ms
 
 

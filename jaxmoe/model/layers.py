@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.lora import lora_fc1, lora_fc2, lora_out, lora_qkv
-from jaxmoe.mesh import constrain, current_context
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model import reference_ops
 
@@ -77,24 +76,25 @@ def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions,
     context-parallel callers can pass their chunk's global indices. Packed segments never attend across.
     """
     q, k, v = qkv_proj(p, x, rope, c, opts)
-    q = constrain(q, ("batch", "length_attn", "heads", "head_dim"))
-    k = constrain(k, ("batch", "length_attn", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length_attn", "kv_heads", "head_dim"))
-    ctx = current_context()
-    if ctx is not None and ctx.mesh.shape["sequence"] > 1:  # context parallel: keys span all sequence ranks
+    sh = opts.sharding
+    q = sh.constrain(q, ("batch", "length_attn", "heads", "head_dim"))
+    k = sh.constrain(k, ("batch", "length_attn", "kv_heads", "head_dim"))
+    v = sh.constrain(v, ("batch", "length_attn", "kv_heads", "head_dim"))
+    if sh.mesh is not None and sh.mesh.shape["sequence"] > 1:  # context parallel: keys span all sequence ranks
         from jaxmoe.parallel.context import context_attention
-        out = context_attention(ops_for(opts).attention, q, k, v, segment_ids, token_index, ctx.mesh, ctx.rules)
+        out = context_attention(ops_for(opts).attention, q, k, v, segment_ids, token_index, sh)
     else:
         out = ops_for(opts).attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             q_index=token_index, kv_index=token_index, causal=True)
-    out = constrain(out, ("batch", "length_attn", "heads", "head_dim"))
+    out = sh.constrain(out, ("batch", "length_attn", "heads", "head_dim"))
     return out_proj(p, out, opts)
 
 
-def swiglu(x, wi, wo, dt, lora=None):
+def swiglu(x, wi, wo, opts: ModelOptions, lora=None):
     """Megatron fc1 -> SwiGLU -> fc2; wi [H, 2, F] holds (gate, up). `lora`: jaxmoe.lora.mlp_view or None."""
+    dt = opts.dtype
     gu = lora_fc1(lora, x, jnp.einsum("...h,hcf->...cf", x, wi.astype(dt)))
     h = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
-    h = constrain(h, ("batch", "length_attn", "mlp")) if h.ndim == 3 else h
+    h = opts.sharding.constrain(h, ("batch", "length_attn", "mlp")) if h.ndim == 3 else h
     return lora_fc2(lora, h, jnp.einsum("...f,fh->...h", h, wo.astype(dt)))

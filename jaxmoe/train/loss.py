@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import constrain
 from jaxmoe.model.layers import ops_for
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import forward, lm_logits, shifted_field
@@ -26,7 +25,7 @@ def token_nll(params, h, labels, opts: ModelOptions):
     vocab under tensor parallelism); kernel paths use the fused linear cross entropy (no full logits)."""
     ops = ops_for(opts)
     if getattr(ops, "choice", {}).get("cross_entropy") != "pallas":
-        logits = constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
+        logits = opts.sharding.constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return lse - tgt

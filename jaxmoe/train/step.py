@@ -11,12 +11,12 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import REPLICA_AXIS, zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
 from jaxmoe.parallel.manual import TOKEN_REPLICAS, local_micro, manual_grads, to_replica_order
 from jaxmoe.parallel.pipeline import pipeline_loss
-from jaxmoe.parallel.replicas import replica_grads
+from jaxmoe.parallel.replicas import replica_grads, replica_options
+from jaxmoe.sharding import REPLICA_AXIS, zeros_typed
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import clip_by_global_norm
 
@@ -60,6 +60,8 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
     D = par.spec.data if par is not None and not manual else 1
     replicas = par.data_parallel_size if manual else D  # replicas that each hold a share of every micro-batch
     per_replica = bool(manual) or D > 1  # gradients summed locally, reduced once after the loop
+    if D > 1:
+        opts = replica_options(opts)  # the model runs inside replica_grads' vmap only
 
     def objective(p, mstate, mb, frozen, iteration, i, n_tok):
         if combine is not None:
