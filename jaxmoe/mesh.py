@@ -183,8 +183,8 @@ MEGATRON_FLAGS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_s
 
 
 def mesh_spec(t, num_devices: int) -> MeshSpec:
-    """The layout from Megatron's parallel-size flags (MoE parallel folding, mesh.megatron_mesh) or from the
-    --mesh short form; not both."""
+    """The layout from Megatron's parallel-size flags (MoE parallel folding, megatron_mesh) or from the --mesh
+    short form; not both."""
     given = {f: getattr(t, f) for f in MEGATRON_FLAGS if getattr(t, f, None) is not None}
     if not given:
         return parse_mesh(getattr(t, "mesh", ""), num_devices)
@@ -195,6 +195,7 @@ def mesh_spec(t, num_devices: int) -> MeshSpec:
 
 
 def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_batch: int, seq_len: int) -> None:
+    """Every size the layout splits must divide: heads, vocabulary, FFN widths, experts, batch, length."""
     tp, ep, cp = spec.tensor, spec.ep_size, spec.sequence
     if c.num_attention_heads % tp:
         raise MeshError(f"--mesh tp={tp}: num_attention_heads {c.num_attention_heads} is not divisible by tp")
