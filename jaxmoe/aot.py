@@ -78,7 +78,7 @@ def triton_kernels(hlo_text: str) -> dict[str, int]:
     pallas = len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton"', hlo_text))
     fusions = len(re.findall(r'"kind":"__triton[a-z_]*"', hlo_text))
     # collectives the partitioner put on a kernel's operands: a kernel left to GSPMD (not in a shard_map)
-    # gets them all-gathered and its work repeated on every device (mesh.shard_kernel)
+    # gets them all-gathered and its work repeated on every device (sharding.Sharding.kernel)
     around = len(re.findall(r"= [^\n]*(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
                             r"(?:-start)?\([^\n]*op_name=\"[^\"]*pallas_call", hlo_text))
     return {"pallas": pallas, "xla_triton_fusions": fusions, "collectives_on_kernel_operands": around}
@@ -137,10 +137,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
     par = build_parallel(t, c, devices)
     built = build_step(t, c, par, t.train_iters or 1000)
     t0 = time.perf_counter()
-    with par.context():
-        lowered = built.step.lower(built.abstract_state(), perf.abstract_batch(par, t.global_batch_size,
-                                                                                 t.max_length),
-                                   built.abstract_frozen())
+    lowered = built.step.lower(built.abstract_state(), perf.abstract_batch(par, t.global_batch_size, t.max_length),
+                               built.abstract_frozen())
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     hlo = compiled.as_text()

@@ -1,20 +1,14 @@
-"""The device mesh and the one table mapping logical axis names to mesh axes.
-
-Mesh axes are exactly `data, stage, expert, sequence, tensor`. Model code names parameters and activations
-only with logical axes (`embed`, `heads`, `vocab`, `exp`, `batch`, `length`, ...); `constrain` turns those
-into sharding constraints when a mesh context is active and is a no-op otherwise, so the single-device
-reference path runs the very same code.
+"""The parallel layout from the command line: `--mesh` (or Megatron's *_parallel_size flags) -> MeshSpec, its
+checks against the model and batch, and the device mesh. Mesh axes are exactly `data, stage, expert,
+sequence, tensor`; what model code does with them is jaxmoe/sharding.py.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmoe.config import ModelConfig
 
 MESH_AXES = ("data", "stage", "expert", "sequence", "tensor")
 # --mesh keys -> mesh axis
@@ -26,172 +20,6 @@ class MeshError(ValueError):
     """An impossible parallel layout; the message names the flag and the fix."""
 
 
-def logical_rules(sequence_parallel: bool = False, ep_axes: tuple[str, ...] = ("expert",),
-                  etp: int = 1) -> dict[str, Any]:
-    """Logical axis -> mesh axis (or tuple of axes, or None = replicated). `ep_axes`: the expert-parallel group
-    (MeshSpec.ep_axes), over which the routed experts are split; etp > 1: each expert's FFN split over tensor."""
-    return {
-        # parameters
-        "vocab": "tensor",  # vocab-parallel embedding / LM head
-        "embed": None,
-        "heads": "tensor",  # column-parallel q, row-parallel o
-        "kv_heads": "tensor",
-        "head_dim": None,
-        "mlp": "tensor",  # column-parallel fc1, row-parallel fc2 (dense and shared expert)
-        "exp": ep_axes,  # MoE parallel folding: `expert`, plus tensor / sequence ranks when folded
-        "expert_mlp": "tensor" if etp > 1 else None,
-        "layers": None,  # the pipeline splits the stack itself (parallel/pipeline.py)
-        "norm": None,
-        # activations: the expert axis splits tokens outside MoE layers (Megatron's EP carved out of DP)
-        "batch": ("data", "expert"),
-        "length": ("sequence", "tensor") if sequence_parallel else "sequence",
-        "length_attn": "sequence",
-        "act_vocab": "tensor",
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardingContext:
-    mesh: jax.sharding.Mesh
-    rules: dict
-
-
-_CTX: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar("jaxmoe_sharding", default=None)
-
-
-@contextlib.contextmanager
-def sharding_context(mesh: jax.sharding.Mesh, rules: dict) -> Iterator[None]:
-    tok = _CTX.set(ShardingContext(mesh, rules))
-    try:
-        yield
-    finally:
-        _CTX.reset(tok)
-
-
-def current_context() -> ShardingContext | None:
-    return _CTX.get()
-
-
-def logical_to_spec(axes, rules: dict) -> P:
-    out, used = [], set()
-    for a in axes:
-        m = rules.get(a) if a is not None else None
-        ms = (m,) if isinstance(m, str) else tuple(m or ())
-        ms = tuple(x for x in ms if x not in used)  # a mesh axis may shard only one dim
-        used.update(ms)
-        out.append(None if not ms else ms[0] if len(ms) == 1 else ms)
-    return P(*out)
-
-
-def manual_axes() -> frozenset:
-    """Mesh axes made manual by an enclosing shard_map (the train step's data/expert/stage region)."""
-    return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
-
-
-def strip_axes(spec: P, drop) -> P:
-    """`spec` without the mesh axes in `drop` (inside a shard_map those axes are already split)."""
-    out = []
-    for part in spec:
-        ms = (part,) if isinstance(part, str) else tuple(part or ())
-        ms = tuple(m for m in ms if m not in drop)
-        out.append(None if not ms else ms[0] if len(ms) == 1 else ms)
-    return P(*out)
-
-
-# Name of the vmap axis over data replicas (parallel/replicas.py); while it is traced, `data` shards that
-# vmapped dimension, so specs inside leave `data` out and token statistics are summed over the axis.
-REPLICA_AXIS = "replica"
-_REPLICAS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxmoe_replicas", default=False)
-
-
-@contextlib.contextmanager
-def data_replicas() -> Iterator[None]:
-    tok = _REPLICAS.set(True)
-    try:
-        yield
-    finally:
-        _REPLICAS.reset(tok)
-
-
-def _drop_replica_axis(specs):
-    if not _REPLICAS.get():
-        return specs
-    return jax.tree.map(lambda s: strip_axes(s, ("data",)), specs, is_leaf=lambda s: isinstance(s, P))
-
-
-def constrain(x, axes):
-    """Sharding constraint by logical axis names; identity without an active sharding context. Inside a
-    partly manual shard_map the manual axes are dropped (each device already holds its own slice), inside the
-    data-replica vmap the `data` axis (it shards the vmapped dimension)."""
-    ctx = _CTX.get()
-    if ctx is None:
-        return x
-    spec = _drop_replica_axis(logical_to_spec(axes, ctx.rules))
-    manual = manual_axes()
-    if manual:
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(jax.sharding.get_abstract_mesh(), strip_axes(spec, manual)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
-
-
-def shard_map_rest(fn, mesh, in_specs, out_specs):
-    """jax.shard_map of `fn` over every mesh axis. Inside the train step's manual region (parallel/manual.py,
-    which is used only when every axis it leaves automatic has size 1) the arrays already are the per-device
-    blocks and the collectives' axes are bound, so `fn` runs as it is."""
-    manual = manual_axes()
-    if not manual:
-        return jax.shard_map(fn, mesh=mesh, in_specs=_drop_replica_axis(in_specs),
-                             out_specs=_drop_replica_axis(out_specs), check_vma=False)
-    rest = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
-    if rest:
-        # jax 0.10 cannot differentiate a scan over a nested shard_map here (see parallel/manual.py)
-        raise NotImplementedError(f"a shard_map over {rest} nested in the manual axes {sorted(manual)}")
-    return fn
-
-
-def shard_kernel(fn, in_axes, out_axes):
-    """`fn` (a Pallas kernel call) run per device: a shard_map over the mesh whose operands are split as their
-    logical axes say (None: replicated). XLA cannot partition a kernel's custom call, so under GSPMD its
-    operands would be all-gathered and its work repeated on every device. Identity without a sharding
-    context."""
-    ctx = _CTX.get()
-    if ctx is None:
-        return fn
-    spec = lambda axes: P() if axes is None else logical_to_spec(axes, ctx.rules)
-    outs = spec(out_axes) if not isinstance(out_axes, list) else [spec(a) for a in out_axes]
-    return shard_map_rest(fn, ctx.mesh, tuple(spec(a) for a in in_axes), outs)
-
-
-def varying_axes(x) -> frozenset:
-    """Manual axes over which x differs between devices (shard_map's varying-manual-axes type)."""
-    return frozenset(jax.typeof(x).manual_axis_type.varying)
-
-
-def zeros_typed(like, dtype=None):
-    """Zeros with the shape and varying-manual-axes type of `like` (an array or a jax.eval_shape result), e.g.
-    for scan carries inside shard_map."""
-    mat = getattr(like, "manual_axis_type", None)
-    varying = tuple(sorted(mat.varying)) if mat is not None else tuple(sorted(varying_axes(like)))
-    z = jnp.zeros(like.shape, dtype or like.dtype)
-    return jax.lax.pcast(z, varying, to="varying") if varying else z
-
-
-def psum_manual(x, axes):
-    """Sum over those of `axes` that are manual here and that x varies over (a no-op outside shard_map;
-    GSPMD sums over the automatic axes by itself), and over the data-replica vmap axis when `data` is one."""
-    if _REPLICAS.get() and "data" in axes:
-        x = jax.lax.psum(x, REPLICA_AXIS)
-    manual = manual_axes()
-    if not manual:
-        return x
-
-    def one(v):
-        red = tuple(a for a in axes if a in manual and a in varying_axes(v))
-        return jax.lax.psum(v, red) if red else v
-    return jax.tree.map(one, x)
-
-
-# ---- --mesh parsing ------------------------------------------------------------------------------------
 # Axes that can be folded into the expert-parallel group (MoE parallel folding), in mesh order.
 FOLD_AXES = ("sequence", "tensor")
 _FOLD_KEYS = {"cp": "sequence", "sequence": "sequence", "tp": "tensor", "tensor": "tensor"}
@@ -347,3 +175,51 @@ def make_mesh(spec: MeshSpec, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(spec.shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+MEGATRON_FLAGS = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+                  "context_parallel_size": "cp", "expert_model_parallel_size": "ep",
+                  "expert_tensor_parallel_size": "etp"}
+
+
+def mesh_spec(t, num_devices: int) -> MeshSpec:
+    """The layout from Megatron's parallel-size flags (MoE parallel folding, megatron_mesh) or from the --mesh
+    short form; not both."""
+    given = {f: getattr(t, f) for f in MEGATRON_FLAGS if getattr(t, f, None) is not None}
+    if not given:
+        return parse_mesh(getattr(t, "mesh", ""), num_devices)
+    if getattr(t, "mesh", ""):
+        raise MeshError(f"--mesh {t.mesh} and --{next(iter(given))} both set the parallel layout; use one of "
+                        "them (Megatron's *_parallel_size flags or the --mesh short form)")
+    return megatron_mesh(num_devices, **{MEGATRON_FLAGS[f]: n for f, n in given.items()})
+
+
+def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_batch: int, seq_len: int) -> None:
+    """Every size the layout splits must divide: heads, vocabulary, FFN widths, experts, batch, length."""
+    tp, ep, cp = spec.tensor, spec.ep_size, spec.sequence
+    if c.num_attention_heads % tp:
+        raise MeshError(f"--mesh tp={tp}: num_attention_heads {c.num_attention_heads} is not divisible by tp")
+    if c.num_key_value_heads % tp:
+        raise MeshError(f"--mesh tp={tp}: num_key_value_heads {c.num_key_value_heads} is not divisible by tp; "
+                        f"use tp in {[d for d in range(1, c.num_key_value_heads + 1) if c.num_key_value_heads % d == 0]}")
+    if c.vocab_size % tp:
+        raise MeshError(f"--mesh tp={tp}: vocab_size {c.vocab_size} is not divisible by tp (pad the vocabulary "
+                        "to a multiple of tp, as Megatron's --make_vocab_size_divisible_by does)")
+    for name, size in (("intermediate_size", c.intermediate_size), ("moe_intermediate_size", c.shared_intermediate_size)):
+        if size % tp:
+            raise MeshError(f"--mesh tp={tp}: {name} {size} is not divisible by tp")
+    if spec.etp > 1 and c.moe_intermediate_size % spec.etp:
+        raise MeshError(f"--expert_tensor_parallel_size {spec.etp}: moe_intermediate_size {c.moe_intermediate_size} "
+                        "is not divisible by it")
+    if (c.num_moe_layers or c.num_nextn_predict_layers) and c.n_routed_experts % ep:
+        raise MeshError(f"--mesh ep={ep}: n_routed_experts {c.n_routed_experts} is not divisible by ep")
+    dp_total = spec.data * spec.expert
+    if global_batch % (micro_batch * dp_total):
+        raise MeshError(f"--global_batch_size {global_batch} must be a multiple of micro_batch_size x dp x ep = "
+                        f"{micro_batch} x {spec.data} x {spec.expert} (the data-parallel ranks)")
+    if seq_len % (cp * tp if tp > 1 else cp) and cp > 1:
+        raise MeshError(f"--max_length {seq_len} must be divisible by cp x tp = {cp * tp} for context/sequence "
+                        "parallelism")
+    if cp > 1 and seq_len % (2 * cp):
+        raise MeshError(f"--max_length {seq_len} must be divisible by 2 x cp = {2 * cp} (load-balanced causal "
+                        "chunks)")

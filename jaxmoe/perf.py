@@ -375,8 +375,8 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
             gather += local
     out = {"grad_reduce": float(reduce), "param_gather": float(gather), "tensor": 0.0, "expert": 0.0,
            "pipeline": 0.0}
-    hidden_bytes = tokens_per_micro // (spec.sequence * (spec.tensor if par.rules.get("length") != "sequence"
-                                                         else 1)) * hidden * compute_bytes
+    sp = dict(par.sharding.rules).get("length") != "sequence"  # sequence parallel: tokens split over tensor too
+    hidden_bytes = tokens_per_micro // (spec.sequence * (spec.tensor if sp else 1)) * hidden * compute_bytes
     if S > 1:
         out["pipeline"] = (2.0 * (num_micro + S - 1) + 4.0 * num_micro * (S - 1) / S) * hidden_bytes
     if c is not None:
@@ -498,18 +498,14 @@ class TrainStep:
         return abstract_batch(self.par, self.t.global_batch_size, self.t.max_length)
 
     def compile(self, state=None, batch=None):
-        with self.par.context():
-            return self.jitted.lower(state if state is not None else self.abstract_state(),
-                                     batch if batch is not None else self.abstract_batch()).compile()
+        return self.jitted.lower(state if state is not None else self.abstract_state(),
+                                 batch if batch is not None else self.abstract_batch()).compile()
 
 
 def abstract_batch(par, rows: int, length: int) -> dict:
     """A global batch of `rows` packed rows as sharded shape structs (the trainer's batch fields)."""
-    from jaxmoe.parallel.context import permute_batch
     sh = par.batch_sharding()
-    fields = synthetic_packed_batch(1, length, 16)
-    if par.spec.sequence > 1:  # the fields put_batch adds under context parallelism
-        fields = permute_batch(fields, par.spec.sequence, par.mtp_depths)
+    fields = par.batch.host_fields(synthetic_packed_batch(1, length, 16))  # + the context-parallel fields
     return {k: jax.ShapeDtypeStruct((rows, length), v.dtype, sharding=sh) for k, v in fields.items()}
 
 

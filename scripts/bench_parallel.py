@@ -45,8 +45,7 @@ def report(args, flags) -> dict:
     compile_s = time.perf_counter() - t0
     tokens = ts.tokens_per_step
     analytic = train_flops_per_token(c, t.max_length, mtp=ts.mtp_layers > 0) * tokens
-    with ts.par.context():
-        traced = traced_flops(ts.jitted, ts.abstract_state(), ts.abstract_batch())
+    traced = traced_flops(ts.jitted, ts.abstract_state(), ts.abstract_batch())
     cost = compiled.cost_analysis() or {}
     coll = perf.collective_bytes(compiled.as_text(), top=8)
     local_tokens = t.micro_batch_size * t.max_length  # one micro-batch on one data rank

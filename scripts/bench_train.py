@@ -48,23 +48,22 @@ def run(args, flags) -> dict:
     force = {"mesh": args.mesh} if args.mesh is not None else {}
     t, c = perf.load_bench_config(args.config, flags, small=args.small, **force)
     ts = perf.TrainStep(t, c, jax.devices()[:args.devices] if args.devices else None)
-    with ts.par.context():
-        state = ts.init_state()
-        batches = [ts.batch(seed) for seed in range(2)]  # alternate two batches: no caching effects
+    state = ts.init_state()
+    batches = [ts.batch(seed) for seed in range(2)]  # alternate two batches: no caching effects
+    t0 = time.perf_counter()
+    compiled = ts.jitted.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    loss = None
+    for i in range(args.warmup):
+        state, m = compiled(state, batches[i % 2])
+    jax.block_until_ready(state)
+    times = []
+    for i in range(args.steps):
         t0 = time.perf_counter()
-        compiled = ts.jitted.lower(state, batches[0]).compile()
-        compile_s = time.perf_counter() - t0
-        loss = None
-        for i in range(args.warmup):
-            state, m = compiled(state, batches[i % 2])
-        jax.block_until_ready(state)
-        times = []
-        for i in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batches[i % 2])
-            jax.block_until_ready((state, m))
-            times.append(time.perf_counter() - t0)
-        loss = float(m["lm_loss"])
+        state, m = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    loss = float(m["lm_loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"the benchmark step produced lm_loss {loss}; the timing is not of a valid step")
     n_dev = ts.par.mesh.size

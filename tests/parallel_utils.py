@@ -28,22 +28,21 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
     t = train_config(**{**args, **kw})
     devices = jax.devices()[:n_devices]
     par = build_parallel(t, c, devices)
-    opts = model_options(t)
+    opts = model_options(t, sharding=par.sharding)
     opt = make_optimizer(t, 10)
     lo = LossOptions(mtp_layers=c.num_nextn_predict_layers, aux_coeff=1e-2)
-    with par.context():
-        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-        mstate = jax.device_put(init_state(c), par.replicated)
-        ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
-        sc = StepConfig(lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2)
-        step = jax.jit(make_train_step(c, opts, sc, StepHooks.for_layout(par)))
-        batch = par.put_batch(rows if rows is not None else batch_rows())
-        if compiled:
-            return step.lower(ts, batch).compile(), par
-        ms = []
-        for _ in range(steps):
-            ts, m = step(ts, batch)
-            ms.append(jax.device_get(m))
+    params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+    mstate = jax.device_put(init_state(c), par.replicated)
+    ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+    sc = StepConfig(lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2)
+    step = jax.jit(make_train_step(c, opts, sc, StepHooks.for_layout(par)))
+    batch = par.put_batch(rows if rows is not None else batch_rows())
+    if compiled:
+        return step.lower(ts, batch).compile(), par
+    ms = []
+    for _ in range(steps):
+        ts, m = step(ts, batch)
+        ms.append(jax.device_get(m))
     return jax.device_get(ts), ms
 
 
@@ -55,20 +54,18 @@ def run_built(mesh: str, n_devices: int, c=MICRO, rows=None, **kw):
     t = train_config(**{**args, **kw})
     par = build_parallel(t, c, jax.devices()[:n_devices])
     built = build_step(t, c, par, 10)
-    with par.context():
-        if built.ptrain is None:
-            params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-        else:
-            params = jax.jit(lambda k: init_params(c, k, t.dtype), out_shardings=par.param_shardings)(
-                jax.random.key(1))
-        mstate = jax.device_put(init_state(c), par.replicated)
-        if built.ptrain is None:
-            ts, frozen = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
-                                 out_shardings=par.state_shardings(built.optimizer))(params, mstate), None
-        else:
-            ts = built.ptrain.init_train_state(params, mstate, built.optimizer, par)
-            frozen = par.stage_frozen(params)
-        ts, m = built.step(ts, par.put_batch(rows if rows is not None else batch_rows()), frozen)
+    if built.ptrain is None:
+        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+    else:
+        params = jax.jit(lambda k: init_params(c, k, t.dtype), out_shardings=par.param_shardings)(jax.random.key(1))
+    mstate = jax.device_put(init_state(c), par.replicated)
+    if built.ptrain is None:
+        ts, frozen = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
+                             out_shardings=par.state_shardings(built.optimizer))(params, mstate), None
+    else:
+        ts = built.ptrain.init_train_state(params, mstate, built.optimizer, par)
+        frozen = par.stage_frozen(params)
+    ts, m = built.step(ts, par.put_batch(rows if rows is not None else batch_rows()), frozen)
     return jax.device_get(ts), jax.device_get(m)
 
 

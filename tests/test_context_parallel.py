@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from jaxmoe.mesh import MeshError, logical_rules, logical_to_spec, make_mesh, parse_mesh
+from jaxmoe.mesh import MeshError, make_mesh, parse_mesh
 from jaxmoe.model import reference_ops
 from jaxmoe.model.transformer import shift_in_segment
 from jaxmoe.parallel.context import balance_permutation, context_attention, permute_batch, unpermute
+from jaxmoe.sharding import Sharding, logical_rules
 from tests.parallel_utils import assert_states_close, batch_rows, run_steps
 from tests.train_utils import MICRO, train_config
 
@@ -99,17 +100,17 @@ def test_context_attention_matches_reference(mesh, n):
     spec = parse_mesh(mesh, n)
     cp = spec.sequence
     m = make_mesh(spec, jax.devices()[:n])
-    rules = logical_rules()
+    sharding = Sharding(m, logical_rules())
     perm = balance_permutation(T, cp)
     tok = np.broadcast_to(perm, (B, T))
-    put = lambda x, axes: jax.device_put(x, NamedSharding(m, logical_to_spec(axes, rules)))
+    put = lambda x, axes: jax.device_put(x, NamedSharding(m, sharding.spec(axes)))
     qp = put(q[:, perm], ("batch", "length_attn", "heads", "head_dim"))
     kp = put(k[:, perm], ("batch", "length_attn", "kv_heads", "head_dim"))
     vp = put(v[:, perm], ("batch", "length_attn", "kv_heads", "head_dim"))
     segp, tokp = put(seg[:, perm], ("batch", "length_attn")), put(tok, ("batch", "length_attn"))
 
     def cp_loss(q, k, v):
-        o = context_attention(reference_ops.attention, q, k, v, segp, tokp, m, rules)
+        o = context_attention(reference_ops.attention, q, k, v, segp, tokp, sharding)
         return jnp.sum(o * w[:, perm]), o
 
     (_, o), g = jax.jit(jax.value_and_grad(cp_loss, argnums=(0, 1, 2), has_aux=True))(qp, kp, vp)
@@ -129,7 +130,7 @@ def test_context_attention_flash_kernel_interpret():
     perm = balance_permutation(T, cp)
     flash = lambda *a, **kw: flash_attention(*a, block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16, **kw)
     o = jax.jit(lambda q, k, v: context_attention(flash, q, k, v, seg[:, perm], np.broadcast_to(perm, (B, T)),
-                                                  m, logical_rules()))(q[:, perm], k[:, perm], v[:, perm])
+                                                  Sharding(m, logical_rules())))(q[:, perm], k[:, perm], v[:, perm])
     np.testing.assert_allclose(unpermute(np.asarray(o), cp), ref, rtol=1e-5, atol=1e-5)
 
 

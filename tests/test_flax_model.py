@@ -13,9 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmoe
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.mesh import logical_rules, logical_to_spec, make_mesh, parse_mesh
+from jaxmoe.mesh import make_mesh, parse_mesh
 from jaxmoe.model.flax import Glm4MoeForCausalLM, RouterBias, flax_rules
 from jaxmoe.model.params import init_params, init_state, logical_axes
+from jaxmoe.sharding import logical_rules, logical_to_spec
 from tests.hf_ref import random_hf_model
 from tests.train_utils import MICRO, micro_model_dir, train_config
 

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.mesh import MeshError, MeshSpec, megatron_mesh, parse_mesh
-from jaxmoe.parallel.setup import build_parallel, zero_spec_all
+from jaxmoe.parallel.setup import build_parallel
+from jaxmoe.sharding import zero_spec_all
 from tests.parallel_utils import assert_states_close, run_steps
 from tests.test_parallel_equiv import reference
 from tests.train_utils import MICRO, train_config

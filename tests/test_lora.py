@@ -73,13 +73,13 @@ def _lora_train(t, params, state, steps=2, devices=None):
     ts = pt.init_train_state(frozen, jax.device_put(state, par.replicated), opt, par)
     ts0 = jax.tree.map(np.asarray, ts)
     sc = StepConfig(LossOptions(mtp_layers=1), opt, lr_schedule(t, 10), 2, t.clip_grad, 0.0)
-    step = jax.jit(make_train_step(MICRO, OPTS, sc, StepHooks(**pt.make_hooks(par))))
+    opts = dataclasses.replace(OPTS, sharding=par.sharding)
+    step = jax.jit(make_train_step(MICRO, opts, sc, StepHooks(**pt.make_hooks(par))))
     rows = packed_rows(64, n=4)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in rows.items()}, par.batch_sharding())
-    with par.context():
-        for _ in range(steps):
-            ts, m = step(ts, batch, frozen)
-            assert bool(m["finite"])
+    for _ in range(steps):
+        ts, m = step(ts, batch, frozen)
+        assert bool(m["finite"])
     return pt, ts0, ts, frozen
 
 
@@ -119,9 +119,9 @@ def test_mesh_tp2_ep2_equals_single_device(base):
     sh_lora = pt.trainable_shardings(par)["lora"]
     ids = _ids()
     want = np.asarray(logits_fn(attach(params, lora, lc), state, ids, MICRO))
-    fn = jax.jit(lambda p, l, s, x: logits_fn(attach(p, l, lc), s, x, MICRO))
-    with par.context():
-        got = fn(jax.device_put(params, par.param_shardings), jax.device_put(lora, sh_lora), state, ids)
+    opts = ModelOptions(sharding=par.sharding)
+    fn = jax.jit(lambda p, l, s, x: logits_fn(attach(p, l, lc), s, x, MICRO, opts))
+    got = fn(jax.device_put(params, par.param_shardings), jax.device_put(lora, sh_lora), state, ids)
     assert got.sharding.mesh.shape["tensor"] == 2
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # routed-expert adapters: refused with a clear error while the EP dispatch cannot carry them

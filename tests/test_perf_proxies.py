@@ -32,8 +32,7 @@ def test_traced_train_flops_vs_analytic(seq):
     ts = perf.TrainStep(train_config(mesh="", max_length=seq, global_batch_size=2, micro_batch_size=2,
                                      dtype="float32"), c, jax.devices()[:1])
     assert ts.opts.remat == "none"
-    with ts.par.context():
-        traced = traced_flops(ts.jitted, ts.abstract_state(), ts.abstract_batch())
+    traced = traced_flops(ts.jitted, ts.abstract_state(), ts.abstract_batch())
     tokens = ts.tokens_per_step
     causal = train_flops_per_token(c, seq) * tokens
     dense_attn = train_flops_per_token(c, seq, causal=False) * tokens

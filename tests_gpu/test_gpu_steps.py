@@ -25,7 +25,7 @@ def test_full_step_compiles_with_pallas_and_ragged(mesh):
     assert r["transport"] == "ragged"
     assert set(r["kernels"].values()) == {"pallas"}
     assert r["triton_kernels"]["pallas"] >= 4
-    assert r["triton_kernels"]["collectives_on_kernel_operands"] == 0  # kernels run per device (shard_kernel)
+    assert r["triton_kernels"]["collectives_on_kernel_operands"] == 0  # kernels run per device (Sharding.kernel)
     assert r["collectives"]["all-to-all"]["executions"] > 0  # the send counts (ragged rows go point to point)
     assert 0 < r["memory"]["total"] < r["memory"]["device"]
 
@@ -39,8 +39,8 @@ def test_lora_step_compiles():
 
 def test_kernels_left_to_gspmd_are_counted(monkeypatch):
     """The check above can fail: without the shard_map the partitioner gathers the kernels' operands."""
-    import jaxmoe.model.layers as layers
-    monkeypatch.setattr(layers, "shard_kernel", lambda fn, *a: fn)
+    from jaxmoe.sharding import Sharding
+    monkeypatch.setattr(Sharding, "kernel", lambda self, fn, *a: fn)
     r = report(["--mesh", "dp=2,tp=2,ep=2"] + TINY)
     assert r["triton_kernels"]["collectives_on_kernel_operands"] > 0
 

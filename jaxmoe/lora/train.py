@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.lora.adapters import LoraConfig, attach, dropout_keys, get_extras, init_lora, lora_specs, put_extras, select_extras
-from jaxmoe.mesh import logical_to_spec
+from jaxmoe.lora.adapters import (LoraConfig, attach, dropout_keys, get_extras, init_lora, lora_specs, put_extras,
+                                  select_extras)
 from jaxmoe.model.params import is_spec
 
 
@@ -52,7 +52,7 @@ class PartialTraining:
     def trainable_shardings(self, par) -> dict:
         out: dict = {}
         if self.lc is not None:  # fp32 adapters + Adam moments: ZeRO-1 over the axes they are replicated on
-            out["lora"] = jax.tree.map(lambda s: par.zero_sharding(logical_to_spec(s.axes, par.rules), s.shape),
+            out["lora"] = jax.tree.map(lambda s: par.zero_sharding(par.sharding.spec(s.axes), s.shape),
                                        lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.master_shardings, self.extra_paths)
@@ -61,7 +61,7 @@ class PartialTraining:
     def compute_shardings(self, par) -> dict:
         out = dict(self.trainable_shardings(par))
         if self.lc is not None:
-            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, logical_to_spec(s.axes, par.rules)),
+            out["lora"] = jax.tree.map(lambda s: NamedSharding(par.mesh, par.sharding.spec(s.axes)),
                                        lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
             out["extra"] = get_extras(par.param_shardings, self.extra_paths)

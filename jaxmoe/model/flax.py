@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import logical_rules
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.params import init_params, init_state, logical_axes, param_shapes
 from jaxmoe.model.transformer import batch_logits
+from jaxmoe.sharding import logical_rules
 
 _batch_logits = jax.jit(batch_logits, static_argnums=(3, 4))
 
@@ -35,7 +35,7 @@ class RouterBias(nnx.Variable):
 
 
 def flax_rules(sequence_parallel: bool = False) -> list[tuple[str, Any]]:
-    """jaxmoe's logical-axis table (jaxmoe/mesh.py) as Flax `logical_axis_rules` pairs."""
+    """jaxmoe's logical-axis table (jaxmoe/sharding.py) as Flax `logical_axis_rules` pairs."""
     return list(logical_rules(sequence_parallel).items())
 
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.lora import lora_fc1, lora_fc2, lora_out, lora_qkv
-from jaxmoe.mesh import constrain, current_context, shard_kernel
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model import reference_ops
 
@@ -33,11 +32,11 @@ def uses_pallas(opts: ModelOptions, op: str) -> bool:
 
 def rms_norm(x, weight, eps, opts: ModelOptions, axes=None):
     """HF Glm4MoeRMSNorm: normalise in fp32, cast back, then scale by the weight. `axes`: x's logical axes
-    (default: the hidden states', ACT), which the Pallas kernel runs split by (mesh.shard_kernel)."""
+    (default: the hidden states', ACT), which the Pallas kernel runs split by (Sharding.kernel)."""
     norm = lambda x, w: ops_for(opts).rms_norm(x, w, eps)
     if uses_pallas(opts, "rms_norm"):
         axes = axes or ("batch", "length", "embed")[-x.ndim:]
-        norm = shard_kernel(norm, (axes, None), axes)
+        norm = opts.sharding.kernel(norm, (axes, None), axes)
     return norm(x, weight.astype(x.dtype))
 
 
@@ -90,25 +89,26 @@ def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions,
     context-parallel callers can pass their chunk's global indices. Packed segments never attend across.
     """
     q, k, v = qkv_proj(p, x, rope, c, opts)
-    q = constrain(q, Q_AXES)
-    k = constrain(k, KV_AXES)
-    v = constrain(v, KV_AXES)
-    ctx = current_context()
+    sh = opts.sharding
+    q = sh.constrain(q, Q_AXES)
+    k = sh.constrain(k, KV_AXES)
+    v = sh.constrain(v, KV_AXES)
     # context parallel (keys span all sequence ranks), or a Pallas kernel, which must run per device
-    if ctx is not None and (ctx.mesh.shape["sequence"] > 1 or uses_pallas(opts, "attention")):
+    if sh.mesh is not None and (sh.mesh.shape["sequence"] > 1 or uses_pallas(opts, "attention")):
         from jaxmoe.parallel.context import context_attention
-        out = context_attention(ops_for(opts).attention, q, k, v, segment_ids, token_index, ctx.mesh, ctx.rules)
+        out = context_attention(ops_for(opts).attention, q, k, v, segment_ids, token_index, sh)
     else:
         out = ops_for(opts).attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             q_index=token_index, kv_index=token_index, causal=True)
-    out = constrain(out, ("batch", "length_attn", "heads", "head_dim"))
+    out = sh.constrain(out, ("batch", "length_attn", "heads", "head_dim"))
     return out_proj(p, out, opts)
 
 
-def swiglu(x, wi, wo, dt, lora=None):
+def swiglu(x, wi, wo, opts: ModelOptions, lora=None):
     """Megatron fc1 -> SwiGLU -> fc2; wi [H, 2, F] holds (gate, up). `lora`: jaxmoe.lora.mlp_view or None."""
+    dt = opts.dtype
     gu = lora_fc1(lora, x, jnp.einsum("...h,hcf->...cf", x, wi.astype(dt)))
     h = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
-    h = constrain(h, ("batch", "length_attn", "mlp")) if h.ndim == 3 else h
+    h = opts.sharding.constrain(h, ("batch", "length_attn", "mlp")) if h.ndim == 3 else h
     return lora_fc2(lora, h, jnp.einsum("...f,fh->...h", h, wo.astype(dt)))

@@ -1,13 +1,15 @@
-"""Static, hashable options of one model run (compute dtype, kernels, remat, MoE transport).
+"""Static, hashable options of one model run (compute dtype, kernels, remat, MoE transport, sharding).
 
 They are jit-static: changing one recompiles. Numerics of every choice equal the reference path
-(`ModelOptions()` in float32), which the tests prove.
+(`ModelOptions()` in float32, one device), which the tests prove.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+
+from jaxmoe.sharding import Sharding
 
 REMAT_CHOICES = ("none", "full", "selective")
 
@@ -23,6 +25,9 @@ class ModelOptions:
     # The platform the program is compiled for ("gpu", "cpu"); None = the running backend. Set explicitly when
     # compiling for devices other than the running backend's (jaxmoe.aot: compile-only GPUs on a CPU host).
     platform: str | None = None
+    # The mesh and logical-axis rules activations are constrained with (parallel/setup.py Parallel.sharding);
+    # the default has no mesh: one device, no constraints.
+    sharding: Sharding = Sharding()
 
     @property
     def dtype(self):

@@ -1,6 +1,6 @@
 """The parameter table of the GLM4-MoE model: shape, logical axes and initialiser of every tensor.
 
-One table drives initialisation, sharding (logical axes -> mesh axes in jaxmoe/mesh.py), weight decay (the
+One table drives initialisation, sharding (logical axes -> mesh axes in jaxmoe/sharding.py), weight decay (the
 optimizer's mask), the HF tensor names (convert/hf_params.py), the Megatron converters and LoRA. Layers of
 one kind are stacked on a leading `layers` axis and scanned:
   params["dense"]  the first `first_k_dense_replace` layers (dense SwiGLU MLP)

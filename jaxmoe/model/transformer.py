@@ -14,7 +14,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.lora import expert_adapters, lora_eh, mlp_view
-from jaxmoe.mesh import constrain, psum_manual
 from jaxmoe.model.layers import attention_block, ops_for, rms_norm, rope_tables, swiglu
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.experts import routed_experts
@@ -44,10 +43,10 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
                  **({"lora": ex} if ex else {}))
     y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
-        y = y + swiglu(x, p["shared_wi"], p["shared_wo"], opts.dtype, mlp_view(p, "shared"))
+        y = y + swiglu(x, p["shared_wi"], p["shared_wo"], opts, mlp_view(p, "shared"))
     counts, probs_sum, ntok = load_balancing_terms(scores, idx, valid.reshape(-1), c.n_routed_experts)
     # over the whole micro-batch: data/expert may be manual axes in the train step (parallel/manual.py)
-    counts, probs_sum, ntok = psum_manual((counts, probs_sum, ntok), ("data", "expert"))
+    counts, probs_sum, ntok = opts.sharding.psum_manual((counts, probs_sum, ntok), ("data", "expert"))
     aux = aux_loss(counts, probs_sum, ntok, c.n_routed_experts, c.num_experts_per_tok)
     return y, {"counts": counts, "aux_loss": aux}
 
@@ -56,13 +55,13 @@ def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
     """One pre-norm decoder layer. `bias` is None for dense layers."""
     x = rms_norm(h, p["attn_norm"], c.rms_norm_eps, opts)
     a = attention_block(p, x, ctx["rope"], ctx["segment_ids"], c, opts, ctx.get("token_index"))
-    h = constrain(h + checkpoint_name(a, "core_attn"), ACT)
+    h = opts.sharding.constrain(h + checkpoint_name(a, "core_attn"), ACT)
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps, opts)
     if bias is None:
-        y, stats = checkpoint_name(swiglu(x, p["mlp_wi"], p["mlp_wo"], opts.dtype, mlp_view(p, "mlp")), "mlp"), {}
+        y, stats = checkpoint_name(swiglu(x, p["mlp_wi"], p["mlp_wo"], opts, mlp_view(p, "mlp")), "mlp"), {}
     else:
         y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch)
-    return constrain(h + y, ACT), stats
+    return opts.sharding.constrain(h + y, ACT), stats
 
 
 def _remat(fn, opts: ModelOptions):
@@ -85,7 +84,7 @@ def run_stack(stack, biases, h, ctx, c, opts, dispatch=None):
 
 
 def embed_tokens(params, tokens, opts: ModelOptions):
-    return constrain(jnp.take(params["embed"], tokens, axis=0).astype(opts.dtype), ACT)
+    return opts.sharding.constrain(jnp.take(params["embed"], tokens, axis=0).astype(opts.dtype), ACT)
 
 
 def make_context(batch: dict, c: ModelConfig) -> dict:

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe.mesh import shard_map_rest
 from jaxmoe.moe.experts import expert_ffn
+from jaxmoe.sharding import shard_map_rest
 
 
 
@@ -202,7 +202,8 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
                                            for k, v in lora.items()}
         if lora is not None and etp_axis:
             raise ValueError("LoRA adapters of routed experts need --expert_tensor_parallel_size 1")
-        return shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec), tok)(x, idx, w, wi, wo, lora)
+        return shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec), tok, opts.sharding.replicas)(
+            x, idx, w, wi, wo, lora)
 
     dispatch.transport = transport
     return dispatch

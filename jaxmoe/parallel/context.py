@@ -3,7 +3,7 @@
 Load balancing (Megatron's causal CP layout): each row's tokens are cut into 2*cp equal chunks and
 sequence rank i holds chunks i and 2*cp-1-i, so every rank gets the same amount of causal attention work
 (one early, cheap chunk and one late, expensive one). This is a host-side permutation of every [B, T]
-batch field (`permute_batch`, called by Parallel.put_batch); the ordinary contiguous sharding of the
+batch field (`permute_batch`, called by parallel/batch.py); the ordinary contiguous sharding of the
 length dim over `sequence` then hands each rank its two chunks. A `token_index` field keeps each token's
 original position, which the causal mask compares (never the storage order).
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.mesh import logical_to_spec, shard_map_rest
+from jaxmoe.sharding import Sharding
 
 SHIFTED_KEYS = ("labels", "loss_mask")  # the fields MTP shifts (transformer.mtp_forward, train/loss.py)
 
@@ -86,7 +86,7 @@ def unpermute(x, cp: int, axis: int = 1):
     return jnp.take(x, inv, axis=axis) if isinstance(x, jax.Array) else np.take(x, inv, axis=axis)
 
 
-def context_attention(attention: Callable, q, k, v, segment_ids, token_index, mesh, rules):
+def context_attention(attention: Callable, q, k, v, segment_ids, token_index, sharding: Sharding):
     """Exact attention of q [B, T, Nq, D] over k/v [B, T, Nkv, D] with T split over `sequence`.
 
     `attention` is an ops attention (reference or Pallas) with the usual keyword arguments. segment_ids and
@@ -96,15 +96,15 @@ def context_attention(attention: Callable, q, k, v, segment_ids, token_index, me
         token_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    cp = mesh.shape["sequence"]  # 1: a Pallas kernel run per device (mesh.shard_kernel)
-    q_spec = logical_to_spec(("batch", "length_attn", "heads", "head_dim"), rules)
-    kv_spec = logical_to_spec(("batch", "length_attn", "kv_heads", "head_dim"), rules)
-    tok_spec = logical_to_spec(("batch", "length_attn"), rules)
+    cp = sharding.mesh.shape["sequence"]  # 1: a Pallas kernel run per device (Sharding.kernel)
+    q_spec = sharding.spec(("batch", "length_attn", "heads", "head_dim"))
+    kv_spec = sharding.spec(("batch", "length_attn", "kv_heads", "head_dim"))
+    tok_spec = sharding.spec(("batch", "length_attn"))
 
     def local(q, k, v, seg, idx):
         gather = lambda x: jax.lax.all_gather(x, "sequence", axis=1, tiled=True) if cp > 1 else x
         return attention(q, gather(k), gather(v), q_segment_ids=seg, kv_segment_ids=gather(seg), q_index=idx,
                          kv_index=gather(idx), causal=True)
 
-    return shard_map_rest(local, mesh, (q_spec, kv_spec, kv_spec, tok_spec, tok_spec), q_spec)(
+    return sharding.shard_map(local, (q_spec, kv_spec, kv_spec, tok_spec, tok_spec), q_spec)(
         q, k, v, segment_ids, token_index)

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe.mesh import strip_axes, varying_axes
+from jaxmoe.sharding import mesh_axes_of, spec_axes, strip_axes, varying_axes, zero_spec_all
 
 REPLICA_AXES = ("data", "stage", "expert")  # axes made manual in the train step (when > 1)
 TOKEN_REPLICAS = ("data", "expert")  # axes that split the tokens of a micro-batch across replicas
@@ -43,27 +43,19 @@ def manual_axes_for(mesh) -> tuple[str, ...]:
     return REPLICA_AXES
 
 
-def _axes_of(spec: P) -> set:
-    out = set()
-    for part in spec:
-        out.update((part,) if isinstance(part, str) else tuple(part or ()))
-    return out
-
-
 def restrict(spec: P, keep) -> P:
     """Only the mesh axes in `keep` (the manual part of a sharding)."""
-    return strip_axes(spec, _axes_of(spec) - set(keep))
+    return strip_axes(spec, spec_axes(spec) - set(keep))
 
 
 def grad_plan(spec: P, shape, mesh, manual):
     """(out_spec restricted to manual axes, scatter dim or None, manual axes to reduce-scatter over, axes to
-    psum) for one gradient: a reduce-scatter straight into the sharded-optimizer layout (setup.zero_spec_all,
+    psum) for one gradient: a reduce-scatter straight into the sharded-optimizer layout (zero_spec_all,
     whose replica axes come in mesh order, the manual ones first), a sum over the other replica axes."""
-    from jaxmoe.parallel.setup import zero_spec_all
-    red = [a for a in manual if a not in _axes_of(spec)]
+    red = [a for a in manual if a not in spec_axes(spec)]
     zero = zero_spec_all(spec, shape, dict(mesh.shape))
     for d, (old, new) in enumerate(zip(list(spec) + [None] * len(shape), zero)):
-        scat = tuple(a for a in ((new,) if isinstance(new, str) else tuple(new or ())) if a in manual)
+        scat = tuple(a for a in mesh_axes_of(new) if a in manual)
         if old is None and scat:
             return restrict(zero, manual), d, scat, tuple(a for a in red if a not in scat)
     return restrict(spec, manual), None, (), tuple(red)

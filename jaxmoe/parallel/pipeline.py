@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import MeshError, constrain
+from jaxmoe.mesh import MeshError
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import ACT, _remat, decoder_layer, embed_tokens, finish_forward, make_context, run_stack
 
@@ -158,7 +158,8 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
             h, _ = run_stack(p["dense"], None, h, make_context(mb, c), c, opts)
         return h
 
-    x = constrain(_over_stages(pre, (padded, micro_ids), S, rest), MICRO_ACT)  # every stage reads micro-batch i at iteration i
+    # every stage reads micro-batch i at iteration i
+    x = opts.sharding.constrain(_over_stages(pre, (padded, micro_ids), S, rest), MICRO_ACT)
 
     valid = jnp.asarray(layout.valid())
     biases = layout.to_stages(state["moe_bias"])
@@ -198,7 +199,7 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
     carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, E), jnp.float32), jnp.zeros((), jnp.float32))
     (_, outs, counts, aux), _ = jax.lax.scan(iteration, carry, jnp.arange(M + S - 1))
-    outs = constrain(outs, MICRO_ACT)
+    outs = opts.sharding.constrain(outs, MICRO_ACT)
 
     def post(p, args):  # final norm, head, loss and MTP of one micro-batch
         h, mb, m = args

@@ -19,6 +19,7 @@ import optax
 
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.options import ModelOptions
+from jaxmoe.sharding import Sharding
 from jaxmoe.train.args import TrainConfig
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
@@ -30,14 +31,15 @@ def mesh_platform(par) -> str:
     return par.mesh.devices.flat[0].platform
 
 
-def model_options(t: TrainConfig, platform: str | None = None) -> ModelOptions:
-    """ModelOptions of a run; `platform` (default: the running backend) decides what `--kernels auto` means."""
+def model_options(t: TrainConfig, platform: str | None = None, sharding: Sharding = Sharding()) -> ModelOptions:
+    """ModelOptions of a run; `platform` (default: the running backend) decides what `--kernels auto` means;
+    `sharding`: the layout's (Parallel.sharding), none for one device."""
     platform = platform or jax.default_backend()
     kernels = t.kernels
     if kernels == "auto" and platform == "cpu":
         kernels = "reference"  # Pallas kernels run in interpret mode only, far too slow for training on CPU
     return ModelOptions(compute_dtype=t.dtype, kernels=kernels, remat=t.recompute_granularity or "none",
-                        remat_modules=tuple(t.recompute_modules), platform=platform)
+                        remat_modules=tuple(t.recompute_modules), platform=platform, sharding=sharding)
 
 
 def micro_batches(t: TrainConfig, par) -> int:
@@ -106,7 +108,7 @@ def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=Non
     """`ptrain`: the run's lora.train.PartialTraining when the caller already made it (default: from t)."""
     from jaxmoe.lora.train import PartialTraining
 
-    opts = model_options(t, mesh_platform(par))
+    opts = model_options(t, mesh_platform(par), par.sharding)
     ptrain = ptrain or PartialTraining.from_train_config(t, c)
     optimizer = make_optimizer(t, train_iters)
     schedule = lr_schedule(t, train_iters)

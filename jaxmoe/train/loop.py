@@ -342,8 +342,6 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
             raise FloatingPointError(f"iteration {it}: {int(m['nan_in_a_row'])} non-finite steps in a row "
                                      f"(--max_skipped_iters {t.max_skipped_iters}); lower --lr or check the data")
 
-    ctx = par.context()
-    ctx.__enter__()  # logical-axis sharding constraints apply while the steps trace
     try:
         signalled = stop.requested()
         if signalled:
@@ -384,7 +382,6 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
         if pending is not None:
             flush(pending)
     finally:
-        ctx.__exit__(None, None, None)
         try:
             if ckpt is not None:
                 ckpt.close()

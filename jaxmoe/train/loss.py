@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import constrain, current_context, shard_kernel
 from jaxmoe.model.layers import ops_for
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import forward, lm_logits, shifted_field
@@ -25,20 +24,20 @@ def token_nll(params, h, labels, opts: ModelOptions):
     """Per-token negative log-likelihood [B, T] in fp32. The reference path builds fp32 logits (sharded over
     vocab under tensor parallelism); kernel paths use the fused linear cross entropy (no full logits)."""
     ops = ops_for(opts)
-    ctx = current_context()
+    sh = opts.sharding
     # the fused kernel needs the whole vocab: under tensor parallelism the vocab-split logits are used instead
-    if getattr(ops, "choice", {}).get("cross_entropy") != "pallas" or (ctx and ctx.mesh.shape["tensor"] > 1):
-        logits = constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
+    if getattr(ops, "choice", {}).get("cross_entropy") != "pallas" or (sh.mesh and sh.mesh.shape["tensor"] > 1):
+        logits = sh.constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return lse - tgt
+
     def fused(h, w, labels):
         B, T, H = h.shape
         return ops.linear_cross_entropy(h.reshape(B * T, H), w, labels.reshape(-1))[0].reshape(B, T)
 
     tokens = ("batch", "length")
-    return shard_kernel(fused, (tokens + (None,), None, tokens), tokens)(h, params["lm_head"].astype(opts.dtype),
-                                                                        labels)
+    return sh.kernel(fused, (tokens + (None,), None, tokens), tokens)(h, params["lm_head"].astype(opts.dtype), labels)
 
 
 def micro_loss(params, state, mb: dict, c: ModelConfig, lo: LossOptions, opts: ModelOptions, dispatch=None):

@@ -18,12 +18,12 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.mesh import REPLICA_AXIS, zeros_typed
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.router import updated_bias
 from jaxmoe.parallel.manual import TOKEN_REPLICAS, local_micro, manual_grads, to_replica_order
 from jaxmoe.parallel.pipeline import pipeline_loss
-from jaxmoe.parallel.replicas import replica_grads
+from jaxmoe.parallel.replicas import replica_grads, replica_options
+from jaxmoe.sharding import REPLICA_AXIS, zeros_typed
 from jaxmoe.train.loss import LossOptions, micro_loss
 from jaxmoe.train.optimizer import clip_by_global_norm
 
@@ -146,6 +146,8 @@ def _gradients(c, opts, sc: StepConfig, hooks: StepHooks):
     """grads(params, mstate, batch, frozen, scalars) -> (fp32 gradient of the step's objective, statistics)."""
     manual, D, replicas, per_replica = _layout(hooks)
     par, lo, M = hooks.par, sc.loss, sc.num_micro
+    if D > 1:
+        opts = replica_options(opts)  # the model runs inside replica_grads' vmap only
 
     def objective(p, mstate, mb, frozen, i, scalars):
         iteration, n_tok = scalars
