@@ -65,7 +65,8 @@ def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
     return constrain(h + y, ACT), stats
 
 
-def _remat(fn, opts: ModelOptions):
+def remat_layer(fn, opts: ModelOptions):
+    """`fn` (a layer or scan body) under the remat policy of `opts` (--recompute_granularity / modules)."""
     if opts.remat == "none":
         return fn
     if opts.remat == "full":
@@ -81,7 +82,7 @@ def run_stack(stack, biases, h, ctx, c, opts, dispatch=None):
         out, stats = decoder_layer(p, carry, b, ctx, c, opts, dispatch)
         return out, stats
 
-    return jax.lax.scan(_remat(body, opts), h, (stack, biases))
+    return jax.lax.scan(remat_layer(body, opts), h, (stack, biases))
 
 
 def embed_tokens(params, tokens, opts: ModelOptions):
@@ -135,7 +136,7 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
         x = jnp.concatenate([rms_norm(e, p["enorm"], c.rms_norm_eps, opts),
                              rms_norm(h, p["hnorm"], c.rms_norm_eps, opts)], axis=-1)
         x = lora_eh(p, x, jnp.einsum("btk,kh->bth", x, p["eh_proj"].astype(opts.dtype)))
-        layer = _remat(lambda lp, hh, b: decoder_layer(lp, hh, b, ctx, c, opts, dispatch), opts)
+        layer = remat_layer(lambda lp, hh, b: decoder_layer(lp, hh, b, ctx, c, opts, dispatch), opts)
         h, st = layer(p["layer"], x, state["mtp_bias"][i])
         outs.append(rms_norm(h, p["final_norm"], c.rms_norm_eps, opts))
         counts.append(st["counts"])
