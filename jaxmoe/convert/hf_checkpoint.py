@@ -1,13 +1,14 @@
-"""Public HF checkpoint API: `jaxmoe.load_pretrained(path)` and `jaxmoe.save_pretrained(model, path)`.
+"""A HF GLM4-MoE checkpoint dir (config.json + safetensors) <-> jaxmoe's params / state trees.
 
-Both stream tensor by tensor (peak host RAM ~ a few tensors): loading reads each parameter block straight
-from the safetensors files; saving writes each HF tensor at its place in pre-planned shards.
+Both directions stream tensor by tensor (peak host RAM ~ a few tensors): reading puts each parameter block
+straight from the safetensors files onto its devices; writing puts each HF tensor at its place in
+pre-planned shards. The public face is jaxmoe.hf (load_pretrained / save_pretrained of the Flax module).
 """
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,17 +16,12 @@ import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.convert.hf_layout import hf_tensor_specs
-from jaxmoe.convert.hf_params import iter_hf_tensors, mtp_duplicate_keys, params_from_hf
+from jaxmoe.convert.hf_params import iter_hf_tensors, mtp_duplicate_keys, params_from_hf, read_param, read_state
 from jaxmoe.convert.safetensors_io import CheckpointError, HFCheckpointReader, HFCheckpointWriter
-from jaxmoe.model.flax import Glm4MoeForCausalLM
-from jaxmoe.model.options import ModelOptions
+from jaxmoe.model.params import is_spec, param_specs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")
-
-
-# The loaded model is the Flax module; `Model(config, params, state, options)` keeps its older name.
-Model = Glm4MoeForCausalLM
 
 
 def _reader_getter(reader: HFCheckpointReader, c: ModelConfig):
@@ -51,10 +47,17 @@ def _has_mtp(reader: HFCheckpointReader, c: ModelConfig) -> bool:
     return f"model.layers.{c.num_hidden_layers}.eh_proj.weight" in set(reader.keys())
 
 
-def load_pretrained(path: str, dtype: str = "float32", shardings=None, options: ModelOptions | None = None
-                    ) -> Glm4MoeForCausalLM:
-    """Load a HF GLM4-MoE checkpoint dir (config.json + safetensors). `dtype` is the parameter and compute dtype.
-    MTP layers are loaded when present (a config with MTP but files without it drops MTP from the config)."""
+class HFWeights(NamedTuple):
+    config: ModelConfig
+    params: dict
+    state: dict  # the router biases
+    source_dtype: Any  # the dtype of the files' weights, or None when they mix dtypes
+
+
+def read_pretrained(path: str, dtype: Any = "float32", shardings=None) -> HFWeights:
+    """Read a HF GLM4-MoE checkpoint dir; `dtype` is the parameters' dtype, `shardings` their NamedShardings
+    (each device reads its own block). MTP layers are read when present (a config with MTP but files without
+    it drops MTP from the config)."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -68,36 +71,29 @@ def load_pretrained(path: str, dtype: str = "float32", shardings=None, options: 
         if dup in set(reader.keys()) and not np.array_equal(get(dup), get(main)):
             raise CheckpointError(f"{path}: `{dup}` differs from `{main}`; jaxmoe shares the MTP embedding/head "
                                   "with the main model")
-    np_dtype = jnp.dtype(dtype)
-    params, state = params_from_hf(get, c, dtype=np_dtype, shardings=shardings)
+    params, state = params_from_hf(get, c, dtype=jnp.dtype(dtype), shardings=shardings)
     src = {reader.spec(k).dtype for k in reader.keys() if "e_score" not in k}
-    opts = options or ModelOptions(compute_dtype=str(np_dtype))
-    return Glm4MoeForCausalLM(c, params, state, opts, source_dir=path,
-                              source_dtype=src.pop() if len(src) == 1 else None)
+    return HFWeights(c, params, state, src.pop() if len(src) == 1 else None)
 
 
-def save_pretrained(model: Glm4MoeForCausalLM, path: str, dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3,
-                    copy_tokenizer: bool = True) -> str:
-    """Write `model` as a HF dir transformers loads unchanged: config.json, sharded safetensors + index,
-    MTP layers as GLM-4.5 lays them out. dtype: default the dtype it was loaded from (bit-exact round trip)."""
-    c = model.config
-    dt = np.dtype(dtype if dtype is not None else model.source_dtype or jax.tree.leaves(model.params)[0].dtype)
+def write_pretrained(c: ModelConfig, params: dict, state: dict, path: str, dtype: Any,
+                     max_shard_bytes: int = 5 * 1024 ** 3, tokenizer_dir: str | None = None) -> str:
+    """Write a HF dir transformers loads unchanged: config.json, sharded safetensors + index, MTP layers as
+    GLM-4.5 lays them out, weights in `dtype` (router biases fp32), the tokenizer files of `tokenizer_dir`."""
+    dt = np.dtype(dtype)
     specs = hf_tensor_specs(c, include_mtp=True, mtp_shared=True)
     manifest = [(s.key, s.shape, np.float32 if "e_score" in s.key else dt) for s in specs]
     writer = HFCheckpointWriter(path, manifest, max_shard_bytes=max_shard_bytes)
     try:
-        for key, value in iter_hf_tensors(model.params, model.state, c, to_host=jax.device_get):
+        for key, value in iter_hf_tensors(params, state, c, to_host=jax.device_get):
             writer.write(key, np.asarray(value).astype(np.float32 if "e_score" in key else dt))
         final = writer.close()
     except BaseException:
         writer.abort()
         raise
     c.save_json(os.path.join(final, "config.json"))
-    if copy_tokenizer and model.source_dir:
-        for f in TOKENIZER_FILES:
-            src = os.path.join(model.source_dir, f)
-            if os.path.isfile(src):
-                shutil.copy(src, os.path.join(final, f))
+    for f in (f for f in TOKENIZER_FILES if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, f))):
+        shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(final, f))
     return final
 
 
@@ -116,7 +112,6 @@ class _LazyParam:
         return self.__array__()[idx]
 
     def __array__(self, dtype=None, copy=None):
-        from jaxmoe.convert.hf_params import read_param
         index = tuple(slice(i, i + 1) for i in self.prefix) or None
         v = read_param(self.path, self.c, self.get, index)
         v = v.reshape(v.shape[len(self.prefix):]) if self.prefix else v
@@ -125,7 +120,6 @@ class _LazyParam:
 
 def lazy_params(c: ModelConfig, get) -> dict:
     """Params-shaped tree of _LazyParam (nothing read until indexed)."""
-    from jaxmoe.model.params import is_spec, param_specs
     flat, treedef = jax.tree_util.tree_flatten_with_path(param_specs(c), is_leaf=is_spec)
     leaves = [_LazyParam("/".join(str(getattr(k, "key", k)) for k in path), spec.shape, c, get)
               for path, spec in flat]
@@ -135,7 +129,6 @@ def lazy_params(c: ModelConfig, get) -> dict:
 def reshard_hf(src: str, dst: str, dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
     """Rewrite a HF GLM4-MoE checkpoint through the jaxmoe parameter layout, tensor by tensor (peak host RAM
     about one expert matrix): re-shard, cast (e.g. to bfloat16) and add the MTP embedding/head copies."""
-    from jaxmoe.convert.hf_params import read_state
     c = ModelConfig.from_json_file(os.path.join(src, "config.json"))
     reader = HFCheckpointReader(src)
     if c.num_nextn_predict_layers and not _has_mtp(reader, c):
