@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.lora import expert_adapters, lora_eh, mlp_view
 from jaxmoe.mesh import constrain, psum_manual
+from jaxmoe.model.deltas import EXPERT_DELTAS, linear
 from jaxmoe.model.layers import attention_block, ops_for, rms_norm, rope_tables, swiglu
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.experts import routed_experts
@@ -38,13 +38,13 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
     xf = x.reshape(B * T, H)
     idx, w, scores = route(xf, p["router"], bias, c)
     dispatch = dispatch or local_moe_dispatch
-    ex = expert_adapters(p)  # routed-expert LoRA rides with the expert weights (sharded on `exp`)
+    ex = p.get(EXPERT_DELTAS)  # routed-expert adapters ride with the expert weights (sharded on `exp`)
     k = idx.shape[-1]
     y = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
                  **({"lora": ex} if ex else {}))
     y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
-        y = y + swiglu(x, p["shared_wi"], p["shared_wo"], opts.dtype, mlp_view(p, "shared"))
+        y = y + swiglu(p, x, "shared", opts.dtype)
     counts, probs_sum, ntok = load_balancing_terms(scores, idx, valid.reshape(-1), c.n_routed_experts)
     # over the whole micro-batch: data/expert may be manual axes in the train step (parallel/manual.py)
     counts, probs_sum, ntok = psum_manual((counts, probs_sum, ntok), ("data", "expert"))
@@ -59,7 +59,7 @@ def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
     h = constrain(h + checkpoint_name(a, "core_attn"), ACT)
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps, opts)
     if bias is None:
-        y, stats = checkpoint_name(swiglu(x, p["mlp_wi"], p["mlp_wo"], opts.dtype, mlp_view(p, "mlp")), "mlp"), {}
+        y, stats = checkpoint_name(swiglu(p, x, "mlp", opts.dtype), "mlp"), {}
     else:
         y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch)
     return constrain(h + y, ACT), stats
@@ -135,7 +135,7 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
         e = embed_tokens(params, nxt, opts)
         x = jnp.concatenate([rms_norm(e, p["enorm"], c.rms_norm_eps, opts),
                              rms_norm(h, p["hnorm"], c.rms_norm_eps, opts)], axis=-1)
-        x = lora_eh(p, x, jnp.einsum("btk,kh->bth", x, p["eh_proj"].astype(opts.dtype)))
+        x = linear(p, "eh_proj", x, "btk,kh->bth", opts.dtype)
         layer = remat_layer(lambda lp, hh, b: decoder_layer(lp, hh, b, ctx, c, opts, dispatch), opts)
         h, st = layer(p["layer"], x, state["mtp_bias"][i])
         outs.append(rms_norm(h, p["final_norm"], c.rms_norm_eps, opts))
