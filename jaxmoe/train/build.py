@@ -18,7 +18,9 @@ import jax
 import optax
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.lora.train import PartialTraining
 from jaxmoe.model.options import ModelOptions
+from jaxmoe.model.params import init_params, init_state
 from jaxmoe.train.args import TrainConfig
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
@@ -79,7 +81,6 @@ class BuiltStep:
 
     def abstract_state(self):
         """The train state as sharded shape structs (nothing allocated)."""
-        from jaxmoe.model.params import init_params, init_state
         if self.ptrain is None:
             trainable = lambda: init_params(self.c, jax.random.key(0))
         else:
@@ -100,8 +101,6 @@ class BuiltStep:
 
 def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=None) -> BuiltStep:
     """`ptrain`: the run's lora.train.PartialTraining when the caller already made it (default: from t)."""
-    from jaxmoe.lora.train import PartialTraining
-
     opts = model_options(t, mesh_platform(par))
     ptrain = ptrain or PartialTraining.from_train_config(t, c)
     optimizer = make_optimizer(t, train_iters)
