@@ -35,7 +35,7 @@ def _layer(p, h, bias, rope, valid, attend, c: ModelConfig, opts: ModelOptions):
     h = h + out_proj(p, o, opts)
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps, opts)
     if bias is None:
-        y = swiglu(x, p["mlp_wi"], p["mlp_wo"], opts)
+        y = swiglu(p, x, "mlp", opts)
     else:
         y, _ = moe_mlp(p, x, bias, valid, c, opts)  # routing stats are for training; dropped here
     return h + y, extra

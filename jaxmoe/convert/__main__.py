@@ -17,6 +17,12 @@ from typing import Callable
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.convert.hf_layout import check_hf_keys, hf_tensor_specs
+from jaxmoe.convert.mcore_layout import padded_vocab_size
+from jaxmoe.convert.safetensors_io import HFCheckpointReader, HFCheckpointWriter
+
+# The format modules that pull in torch (mcore_dist, mcore_legacy), tensorstore (orbax_io) or jax (hf, hf_params,
+# verify, lora.merge) are imported inside the directions that use them: `--help` and a bad flag answer at once.
 
 DIRECTIONS = ("hf-to-orbax", "orbax-to-hf", "hf-to-mcore", "mcore-to-hf", "mcore-to-orbax", "orbax-to-mcore",
               "legacy-to-hf", "hf-reshard")
@@ -137,8 +143,6 @@ def _load_config_flag(ns) -> ModelConfig | None:
 
 def open_hf(path: str, ns):
     """-> (reader, cfg, has_mtp) of a validated HF dir."""
-    from jaxmoe.convert.hf_layout import check_hf_keys
-    from jaxmoe.convert.safetensors_io import HFCheckpointReader
     if not os.path.isdir(path):
         raise ConfigError(f"--input {path}: not a directory; expected a HF checkpoint dir (config.json + safetensors)")
     if not ns.config and not os.path.isfile(os.path.join(path, "config.json")):
@@ -149,37 +153,6 @@ def open_hf(path: str, ns):
     if not info["mtp"] or ns.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     return r, cfg, info["mtp"] and not ns.no_mtp
-
-
-class McoreHFGetter:
-    """`get(hf_key)` over a torch_dist checkpoint: reads the mcore tensor (or one expert's region) that holds
-    the key, splits it to HF tensors and keeps the last few, so q/k/v or gate/up cost one read."""
-
-    def __init__(self, reader, cfg: ModelConfig):
-        from jaxmoe.convert.mcore_layout import mcore_global_specs, mcore_layer_specs
-        self.r, self.cfg, self._cache = reader, cfg, {}
-        self._src = {}
-        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        specs = mcore_global_specs(cfg, reader.padded_vocab()) + [s for l in range(n) for s in mcore_layer_specs(cfg, l)]
-        for s in specs:
-            for i, k in enumerate(s.hf_keys):
-                e = (i // 2 if s.rule == "experts_fc1" else i) if s.rule.startswith("experts") else None
-                self._src[k] = (s, e)
-
-    def __call__(self, key: str) -> np.ndarray:
-        from jaxmoe.convert.mcore_dist import to_numpy
-        from jaxmoe.convert.mcore_layout import expert_to_hf, mcore_to_hf
-        s, e = self._src[key]
-        ck = (s.key, e)
-        if ck not in self._cache:
-            if len(self._cache) >= 4:
-                self._cache.pop(next(iter(self._cache)))
-            if e is None:
-                self._cache[ck] = dict(mcore_to_hf(self.cfg, s, to_numpy(self.r.read(s.key))))
-            else:
-                region = self.r.read(s.key, (e,) + (0,) * (len(s.shape) - 1), (1,) + s.shape[1:])
-                self._cache[ck] = dict(expert_to_hf(s, e, to_numpy(region)[0]))
-        return self._cache[ck][key]
 
 
 def open_mcore(path: str, ns):
@@ -228,7 +201,6 @@ def with_mtp_copies(items, copies: dict[str, str]):
 
 def write_hf(out: str, cfg: ModelConfig, manifest: list, items, ns, tokenizer_src: str | None = None) -> str:
     """Stream (key, array) pairs into a HF dir with config.json and tokenizer files; all or nothing."""
-    from jaxmoe.convert.safetensors_io import HFCheckpointWriter
     from jaxmoe.hf import TOKENIZER_FILES
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
@@ -261,14 +233,12 @@ def write_hf(out: str, cfg: ModelConfig, manifest: list, items, ns, tokenizer_sr
 
 
 def hf_manifest(cfg: ModelConfig, dtype, include_mtp: bool, mtp_shared: bool) -> list:
-    from jaxmoe.convert.hf_layout import hf_tensor_specs
     return [(s.key, s.shape, np.float32 if s.kind == "router_bias" else dtype)
             for s in hf_tensor_specs(cfg, include_mtp=include_mtp, mtp_shared=mtp_shared)]
 
 
 def write_mcore(out: str, cfg: ModelConfig, get: Callable, dtype, ns, include_mtp: bool) -> str:
     from jaxmoe.convert.mcore_dist import write_mcore_dist
-    from jaxmoe.convert.mcore_layout import padded_vocab_size
     pv = ns.padded_vocab_size or padded_vocab_size(cfg.vocab_size, ns.make_vocab_size_divisible_by, ns.tp)
     if pv < cfg.vocab_size:
         raise ConfigError(f"--padded_vocab_size {pv} < vocab_size {cfg.vocab_size}")
@@ -329,6 +299,7 @@ def run(ns) -> str:
         r, cfg = open_mcore(src, ns)
         if ns.no_mtp:
             cfg = cfg.replace(num_nextn_predict_layers=0)
+        from jaxmoe.convert.mcore_dist import McoreHFGetter
         get = McoreHFGetter(r, cfg)
         if d == "mcore-to-orbax":
             return write_orbax_out(out, cfg, get, dtype or np.float32, ns, src)

@@ -305,6 +305,34 @@ class McoreDistReader:
                 yield h_spec.key, head
 
 
+class McoreHFGetter:
+    """`get(hf_key)` over a torch_dist checkpoint: reads the mcore tensor (or one expert's region) that holds
+    the key, splits it to HF tensors and keeps the last few, so q/k/v or gate/up cost one read."""
+
+    def __init__(self, reader, cfg: ModelConfig):
+        self.r, self.cfg, self._cache = reader, cfg, {}
+        self._src = {}
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        specs = mcore_global_specs(cfg, reader.padded_vocab()) + [s for l in range(n) for s in mcore_layer_specs(cfg, l)]
+        for s in specs:
+            for i, k in enumerate(s.hf_keys):
+                e = (i // 2 if s.rule == "experts_fc1" else i) if s.rule.startswith("experts") else None
+                self._src[k] = (s, e)
+
+    def __call__(self, key: str) -> np.ndarray:
+        s, e = self._src[key]
+        ck = (s.key, e)
+        if ck not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            if e is None:
+                self._cache[ck] = dict(mcore_to_hf(self.cfg, s, to_numpy(self.r.read(s.key))))
+            else:
+                region = self.r.read(s.key, (e,) + (0,) * (len(s.shape) - 1), (1,) + s.shape[1:])
+                self._cache[ck] = dict(expert_to_hf(s, e, to_numpy(region)[0]))
+        return self._cache[ck][key]
+
+
 # ---- writer ---------------------------------------------------------------------------------
 def megatron_args(cfg: ModelConfig, *, padded_vocab: int, tp: int = 1, pp: int = 1, ep: int = 1,
                   params_dtype=torch.bfloat16, iteration: int = 1, **overrides) -> argparse.Namespace:

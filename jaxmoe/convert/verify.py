@@ -71,8 +71,7 @@ def jaxmoe_params(src: str, hf_cfg: ModelConfig, ns):
     is_mcore = (os.path.isfile(os.path.join(src, "latest_checkpointed_iteration.txt"))
                 or os.path.isfile(os.path.join(src, "metadata.json")))
     if is_mcore:
-        from jaxmoe.convert.__main__ import McoreHFGetter
-        from jaxmoe.convert.mcore_dist import McoreDistReader
+        from jaxmoe.convert.mcore_dist import McoreDistReader, McoreHFGetter
         cfg = ModelConfig.from_json_file(ns.config) if ns.config else hf_cfg
         r = McoreDistReader(src, ns.iteration)
         r.plan(cfg)

@@ -22,8 +22,8 @@ PEFT's where it names an HF module (q_proj, gate_proj, ...: an A and B of their 
 The router is never adapted. Adapters are their own pytree mirroring the param groups
 ({"dense": {unit: {"a", "b"}}, "moe": ..., "mtp": {"eh_proj": ..., "layer": {...}}}, stacked on `layers`),
 with logical axes so they shard like their base weight (A replicated / B split for column-parallel, A split /
-B replicated for row-parallel, both on `exp` for routed experts). `attach` puts them under a "lora" key of
-each param group for the forward; the model functions look for that key.
+B replicated for row-parallel, both on `exp` for routed experts). `attach` hands them to the forward as the
+model's generic low-rank deltas (jaxmoe/model/deltas.py); the model never imports this package.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model.deltas import DELTAS, EXPERT_DELTAS, dropout
 from jaxmoe.model.params import ParamSpec, is_spec, param_specs, tree_paths
 
 ATTN_UNITS = ("wqkv", "wq", "wk", "wv", "wo")
@@ -217,139 +218,93 @@ def count_lora_params(c: ModelConfig, lc: LoraConfig) -> int:
 
 
 # ---- forward -------------------------------------------------------------------------------------------
-def attach(params: dict, lora: dict, lc: LoraConfig, dtype=None, key: jax.Array | None = None) -> dict:
-    """params with each group's adapters under "lora": B pre-multiplied by the scale, both cast to `dtype`.
-    With `key` and dropout > 0, per-layer dropout keys ride along (training, see dropout_keys)."""
-    scale = lc.scale
+def _as_delta(unit: str, u: dict) -> dict:
+    """One unit as the model's low-rank delta (model/deltas.py): its B per base weight; a gate / up adapter
+    adds to that half of the fused fc1 output."""
+    if unit == "wqkv":
+        return {"a": u["a"], "b": {"wq": u["bq"], "wk": u["bk"], "wv": u["bv"]}}
+    if unit.endswith(("_wi_gate", "_wi_up")):
+        base = unit.rsplit("_", 1)[0]
+        return {"a": u["a"], "b": {base: {0 if unit.endswith("gate") else 1: u["b"]}}}
+    return {"a": u["a"], "b": {unit: u["b"]}}
 
+
+def attach(params: dict, lora: dict, lc: LoraConfig, dtype=None, key: jax.Array | None = None) -> dict:
+    """params with each group's adapters as low-rank deltas on its weights (jaxmoe.model.deltas; the routed
+    experts' under EXPERT_DELTAS for the dispatch): B pre-multiplied by the scale, both cast to `dtype`. With
+    `key` and dropout > 0, per-layer dropout keys ride along (training, see dropout_keys)."""
     def prep(units: dict) -> dict:
-        return {name: {k: ((v.astype(jnp.float32) * scale) if k.startswith("b") else v).astype(dtype or v.dtype)
-                       for k, v in unit.items()} for name, unit in units.items()}
+        deltas, experts = {}, {}
+        for name, unit in units.items():
+            u = {k: ((v.astype(jnp.float32) * lc.scale) if k.startswith("b") else v).astype(dtype or v.dtype)
+                 for k, v in unit.items()}
+            if name in EXPERT_UNITS:
+                experts[name] = u
+            else:
+                deltas[name] = _as_delta(name, u)
+        return {**({DELTAS: deltas} if deltas else {}), **({EXPERT_DELTAS: experts} if experts else {})}
 
     full = dict(params)
     for g in ("dense", "moe"):
         if g in lora:
-            full[g] = {**params[g], "lora": prep(lora[g])}
+            full[g] = {**params[g], **prep(lora[g])}
     if "mtp" in lora:
         m = dict(params["mtp"])
         if "layer" in lora["mtp"]:
-            m["layer"] = {**m["layer"], "lora": prep(lora["mtp"]["layer"])}
+            m["layer"] = {**m["layer"], **prep(lora["mtp"]["layer"])}
         if "eh_proj" in lora["mtp"]:
-            m["lora"] = prep({"eh_proj": lora["mtp"]["eh_proj"]})
+            m.update(prep({"eh_proj": lora["mtp"]["eh_proj"]}))
         full["mtp"] = m
     return dropout_keys(full, lc, key) if key is not None else full
 
 
 def dropout_keys(params: dict, lc: LoraConfig, key: jax.Array, moe_layer_ids=None) -> dict:
     """params (with adapters attached) plus each adapted group's per-layer LoRA-dropout keys: layer l of group g
-    draws from fold_in(fold_in(key, g), l), so one stage's slice of the MoE stack (the pipeline) gets the same
-    masks as the whole stack: `moe_layer_ids` are the global indices of the layers params["moe"] holds."""
+    draws from fold_in(fold_in(key, g), l) (folded with the unit's id per unit), so one stage's slice of the MoE
+    stack (the pipeline) gets the same masks as the whole stack: `moe_layer_ids` are the global indices of the
+    layers params["moe"] holds."""
     if lc.dropout <= 0:
         return params
 
     def keyed(group: dict, gid: int, ids=None) -> dict:
-        ad = group["lora"]
-        n = jax.tree.leaves({k: v for k, v in ad.items() if not k.startswith("_")})[0].shape[0]
-        ids = jnp.arange(n) if ids is None else ids
+        ids = jnp.arange(jax.tree.leaves({k: group[k] for k in (DELTAS, EXPERT_DELTAS) if k in group})[0].shape[0]) \
+            if ids is None else ids
         gk = jax.random.fold_in(key, gid)
         keys = jax.vmap(lambda i: jax.random.fold_in(gk, i))(ids)
-        return {**group, "lora": {**ad, "_key": keys, "_rate": jnp.full(ids.shape, lc.dropout, jnp.float32)}}
+        rate = jnp.full(ids.shape, lc.dropout, jnp.float32)
+        out = dict(group)
+        if DELTAS in group:
+            out[DELTAS] = {name: {**u, "key": jax.vmap(jax.random.fold_in, (0, None))(keys, UNIT_IDS[name]),
+                                  "rate": rate} for name, u in group[DELTAS].items()}
+        if EXPERT_DELTAS in group:  # moe/experts.py draws each expert unit's mask from these
+            out[EXPERT_DELTAS] = {**group[EXPERT_DELTAS], "_key": keys, "_rate": rate}
+        return out
 
+    adapted = lambda g: DELTAS in g or EXPERT_DELTAS in g
     out = dict(params)
     for gid, g in enumerate(("dense", "moe")):
-        if g in out and "lora" in out[g]:
+        if g in out and adapted(out[g]):
             out[g] = keyed(out[g], gid, moe_layer_ids if g == "moe" else None)
     if "mtp" in out:
         m = dict(out["mtp"])
-        if "layer" in m and "lora" in m["layer"]:
+        if "layer" in m and adapted(m["layer"]):
             m["layer"] = keyed(m["layer"], 2)
-        if "lora" in m:
+        if adapted(m):
             m = keyed(m, 3)
         out["mtp"] = m
     return out
 
 
 def _drop(x, lora: dict, unit: str):
+    """Dropout of a routed-expert unit's input (the other units': model.deltas.dropout)."""
     if "_key" not in lora:
         return x
-    rate = lora["_rate"]
-    keep = jax.random.bernoulli(jax.random.fold_in(lora["_key"], UNIT_IDS[unit]), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
-
-
-def lora_qkv(p: dict, x, q, k, v):
-    """q, k, v plus the attention input adapters (before bias / qk-norm / RoPE, like the base matmul)."""
-    lora = p.get("lora")
-    if not lora:
-        return q, k, v
-    if "wqkv" in lora:
-        u = lora["wqkv"]
-        z = jnp.einsum("...h,hr->...r", _drop(x, lora, "wqkv"), u["a"])
-        q = q + jnp.einsum("...r,rnd->...nd", z, u["bq"])
-        k = k + jnp.einsum("...r,rnd->...nd", z, u["bk"])
-        v = v + jnp.einsum("...r,rnd->...nd", z, u["bv"])
-    out = {"wq": q, "wk": k, "wv": v}
-    for name in ("wq", "wk", "wv"):
-        if name in lora:
-            u = lora[name]
-            z = jnp.einsum("...h,hr->...r", _drop(x, lora, name), u["a"])
-            out[name] = out[name] + jnp.einsum("...r,rnd->...nd", z, u["b"])
-    return out["wq"], out["wk"], out["wv"]
-
-
-def lora_out(p: dict, o, y):
-    """y = o @ wo plus the output-projection adapter; o [..., Nq, D]."""
-    lora = p.get("lora")
-    if not lora or "wo" not in lora:
-        return y
-    z = jnp.einsum("...nd,ndr->...r", _drop(o, lora, "wo"), lora["wo"]["a"])
-    return y + jnp.einsum("...r,rh->...h", z, lora["wo"]["b"])
-
-
-def mlp_view(p: dict, prefix: str):
-    """(adapters, prefix) for swiglu of the dense MLP ("mlp") or the shared expert ("shared"), or None."""
-    lora = p.get("lora")
-    if not lora or not any(f"{prefix}_{u}" in lora for u in MLP_UNITS):
-        return None
-    return lora, prefix
-
-
-def lora_fc1(view, x, gu):
-    """gu [..., 2, F] (gate, up) plus the fc1 adapters."""
-    if view is None:
-        return gu
-    lora, pre = view
-    if (u := lora.get(f"{pre}_wi")) is not None:
-        z = jnp.einsum("...h,hr->...r", _drop(x, lora, f"{pre}_wi"), u["a"])
-        gu = gu + jnp.einsum("...r,rcf->...cf", z, u["b"])
-    for c, half in enumerate(("gate", "up")):
-        if (u := lora.get(f"{pre}_wi_{half}")) is not None:
-            z = jnp.einsum("...h,hr->...r", _drop(x, lora, f"{pre}_wi_{half}"), u["a"])
-            d = jnp.einsum("...r,rf->...f", z, u["b"])
-            gu = gu.at[..., c, :].add(d)
-    return gu
-
-
-def lora_fc2(view, h, y):
-    if view is None or f"{view[1]}_wo" not in view[0]:
-        return y
-    lora, pre = view
-    u = lora[f"{pre}_wo"]
-    z = jnp.einsum("...f,fr->...r", _drop(h, lora, f"{pre}_wo"), u["a"])
-    return y + jnp.einsum("...r,rh->...h", z, u["b"])
-
-
-def expert_adapters(p: dict):
-    """The routed-expert adapters of a MoE layer (to pass to the dispatch), or None."""
-    lora = p.get("lora")
-    if not lora or not any(u in lora for u in EXPERT_UNITS):
-        return None
-    return {k: v for k, v in lora.items() if k in EXPERT_UNITS or k.startswith("_")}
+    return dropout(x, {"key": jax.random.fold_in(lora["_key"], UNIT_IDS[unit]), "rate": lora["_rate"]})
 
 
 def lora_experts_fc1(lora, xs, gu, group_sizes, gmm):
-    """gu [M, 2F] of the rows xs [M, H] sorted by expert, plus per-expert A [E, H, r], B [E, r, 2, F] by the
-    same grouped matmul as the base (no per-expert loop)."""
+    """(moe/experts.py) gu [M, 2F] of the rows xs [M, H] sorted by expert, plus per-expert A [E, H, r],
+    B [E, r, 2, F] by the same grouped matmul as the base (no per-expert loop)."""
     if lora is None or "experts_wi" not in lora:
         return gu
     u = lora["experts_wi"]
@@ -364,15 +319,6 @@ def lora_experts_fc2(lora, h, y, group_sizes, gmm):
     u = lora["experts_wo"]
     z = gmm(_drop(h, lora, "experts_wo"), u["a"], group_sizes)
     return y + gmm(z, u["b"], group_sizes)
-
-
-def lora_eh(p: dict, x, y):
-    """MTP eh_proj output y = x @ eh_proj plus its adapter."""
-    lora = p.get("lora")
-    if not lora or "eh_proj" not in lora:
-        return y
-    z = jnp.einsum("...k,kr->...r", _drop(x, lora, "eh_proj"), lora["eh_proj"]["a"])
-    return y + jnp.einsum("...r,rh->...h", z, lora["eh_proj"]["b"])
 
 
 # ---- merge ---------------------------------------------------------------------------------------------

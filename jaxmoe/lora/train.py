@@ -19,7 +19,9 @@ from jax.sharding import NamedSharding
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.lora.adapters import (LoraConfig, attach, dropout_keys, get_extras, init_lora, lora_specs, put_extras,
                                   select_extras)
-from jaxmoe.model.params import is_spec
+from jaxmoe.model.params import is_spec, param_shapes
+from jaxmoe.train import checkpoint as ckpt_lib
+from jaxmoe.train.step import init_train_state
 
 
 @dataclasses.dataclass
@@ -73,7 +75,6 @@ class PartialTraining:
             out["lora"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
                                        lora_specs(self.c, self.lc), is_leaf=is_spec)
         if self.extra_paths:
-            from jaxmoe.model.params import param_shapes
             out["extra"] = get_extras(param_shapes(self.c), self.extra_paths)
         if par is not None:
             out = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), out,
@@ -96,7 +97,6 @@ class PartialTraining:
 
     def init_train_state(self, base: dict, model_state: dict, optimizer, par) -> dict:
         """(train state of the trainable tree) from the frozen base (compute dtype, param_shardings)."""
-        from jaxmoe.train.step import init_train_state
         key = jax.random.fold_in(jax.random.key(self.seed), 0x10A)
         return jax.jit(lambda b, s: init_train_state(self.init_trainable(b, key), s, optimizer),
                        out_shardings=self.state_shardings(par, optimizer))(base, model_state)
@@ -161,7 +161,6 @@ class PartialTraining:
     # ---- checkpoints -----------------------------------------------------------------------------------
     def load_adapters(self, directory: str, ts: dict, par) -> dict:
         """ts with its trainable tree replaced by the one saved in a jaxmoe LoRA checkpoint (--adapter_load)."""
-        from jaxmoe.train import checkpoint as ckpt_lib
         if not ckpt_lib.is_checkpoint_dir(directory):
             raise ConfigError(f"--adapter_load {directory}: not a jaxmoe checkpoint dir (<dir>/<step>/ written by "
                               "jaxmoe.train --train_type lora --save)")

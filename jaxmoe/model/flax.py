@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.convert.hf_checkpoint import read_pretrained, write_pretrained
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.params import init_params, init_state, logical_axes, param_shapes
 from jaxmoe.model.transformer import batch_logits
@@ -87,18 +88,20 @@ class Glm4MoeForCausalLM(nnx.Module):
         return _batch_logits(self.params, self.state, batch, self.config, self.options)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "float32", **kw) -> "Glm4MoeForCausalLM":
-        """A HF checkpoint dir, streamed tensor by tensor (see jaxmoe.hf.load_pretrained for the options)."""
-        from jaxmoe.hf import load_pretrained
-        return load_pretrained(path, dtype=dtype, **kw)
+    def from_pretrained(cls, path: str, dtype: str = "float32", shardings=None,
+                        options: ModelOptions | None = None) -> "Glm4MoeForCausalLM":
+        """A HF checkpoint dir, streamed tensor by tensor. `dtype`: the parameter and compute dtype;
+        `shardings`: the params' NamedShardings (each device reads its own block)."""
+        w = read_pretrained(path, dtype, shardings)
+        opts = options or ModelOptions(compute_dtype=str(jnp.dtype(dtype)))
+        return cls(w.config, w.params, w.state, opts, source_dir=str(path), source_dtype=w.source_dtype)
 
     @classmethod
     def from_train_checkpoint(cls, directory: str, step: int | None = None,
                               options: ModelOptions | None = None) -> "Glm4MoeForCausalLM":
         """The fp32 weights and router biases of a jaxmoe.train checkpoint (`--save` dir, orbax; latest step by
         default): its train_state["params"] and ["model_state"]. Only those two subtrees are read."""
-        from jaxmoe.config import ConfigError
-        from jaxmoe.train import checkpoint as ckpt
+        from jaxmoe.train import checkpoint as ckpt  # orbax on first use: HF loading and inference need none
         meta = ckpt.read_meta(directory, step)
         if meta.get("partial"):
             raise ConfigError(f"{directory}: a LoRA / partial-training checkpoint holds the trainable part only; "
@@ -114,7 +117,7 @@ class Glm4MoeForCausalLM(nnx.Module):
     def save_train_checkpoint(self, directory: str, step: int = 0) -> str:
         """Write the weights (fp32) and router biases as a weights-only jaxmoe.train checkpoint at
         <directory>/<step>/, which `python -m jaxmoe.train --load DIR --finetune` starts from."""
-        from jaxmoe.train import checkpoint as ckpt
+        from jaxmoe.train import checkpoint as ckpt  # orbax on first use: HF loading and inference need none
         meta = {"model_config": self.config.to_hf_dict(), "iteration": step, "consumed_samples": 0,
                 "weights_only": True}
         params = jax.tree.map(lambda a: a.astype(jnp.float32), self.params)  # the trainer's master dtype
@@ -125,10 +128,13 @@ class Glm4MoeForCausalLM(nnx.Module):
             saver.close()
         return saver.directory
 
-    def save_pretrained(self, path: str, **kw) -> str:
-        """Write a HF dir transformers loads unchanged (see jaxmoe.hf.save_pretrained); returns its path."""
-        from jaxmoe.hf import save_pretrained
-        return save_pretrained(self, path, **kw)
+    def save_pretrained(self, path: str, dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3,
+                        copy_tokenizer: bool = True) -> str:
+        """Write a HF dir transformers loads unchanged (config.json, sharded safetensors, MTP layers as GLM-4.5
+        lays them out); returns its path. dtype: default the dtype it was loaded from (bit-exact round trip)."""
+        dt = dtype if dtype is not None else self.source_dtype or jax.tree.leaves(self.params)[0].dtype
+        return write_pretrained(self.config, self.params, self.state, path, dt, max_shard_bytes,
+                                self.source_dir if copy_tokenizer else None)
 
 
 def _rows(x) -> jax.Array:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.lora import lora_fc1, lora_fc2, lora_out, lora_qkv
+from jaxmoe.model.deltas import add_deltas, linear
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model import reference_ops
 
@@ -63,10 +63,8 @@ def apply_rope(x, cos, sin):
 def qkv_proj(p, x, positions_rope, c: ModelConfig, opts: ModelOptions):
     """q [B, T, Nq, D], k, v [B, T, Nkv, D] after bias, qk-norm and RoPE."""
     dt = opts.dtype
-    q = jnp.einsum("bth,hnd->btnd", x, p["wq"].astype(dt))
-    k = jnp.einsum("bth,hnd->btnd", x, p["wk"].astype(dt))
-    v = jnp.einsum("bth,hnd->btnd", x, p["wv"].astype(dt))
-    q, k, v = lora_qkv(p, x, q, k, v)  # unmerged LoRA adapters, when p carries them
+    qkv = add_deltas(p, x, {n: jnp.einsum("bth,hnd->btnd", x, p[n].astype(dt)) for n in ("wq", "wk", "wv")})
+    q, k, v = qkv["wq"], qkv["wk"], qkv["wv"]
     if "bq" in p:
         q = q + p["bq"].astype(dt)
         k = k + p["bk"].astype(dt)
@@ -79,7 +77,7 @@ def qkv_proj(p, x, positions_rope, c: ModelConfig, opts: ModelOptions):
 
 
 def out_proj(p, o, opts: ModelOptions):
-    return lora_out(p, o, jnp.einsum("btnd,ndh->bth", o, p["wo"].astype(opts.dtype)))
+    return linear(p, "wo", o, "btnd,ndh->bth", opts.dtype, n_in=2)
 
 
 def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions, token_index=None):
@@ -105,10 +103,11 @@ def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions,
     return out_proj(p, out, opts)
 
 
-def swiglu(x, wi, wo, opts: ModelOptions, lora=None):
-    """Megatron fc1 -> SwiGLU -> fc2; wi [H, 2, F] holds (gate, up). `lora`: jaxmoe.lora.mlp_view or None."""
+def swiglu(p, x, prefix: str, opts: ModelOptions):
+    """Megatron fc1 -> SwiGLU -> fc2 of the dense MLP (prefix "mlp") or the shared expert ("shared"):
+    p[prefix_wi] [H, 2, F] holds (gate, up), p[prefix_wo] is [F, H]."""
     dt = opts.dtype
-    gu = lora_fc1(lora, x, jnp.einsum("...h,hcf->...cf", x, wi.astype(dt)))
+    gu = linear(p, f"{prefix}_wi", x, "...h,hcf->...cf", dt)
     h = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
     h = opts.sharding.constrain(h, ("batch", "length_attn", "mlp")) if h.ndim == 3 else h
-    return lora_fc2(lora, h, jnp.einsum("...f,fh->...h", h, wo.astype(dt)))
+    return linear(p, f"{prefix}_wo", h, "...f,fh->...h", dt)

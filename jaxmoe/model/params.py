@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ModelConfig, get_preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,6 @@ def is_spec(x) -> bool:
 
 def full_table() -> dict[str, Any]:
     """The parameter table with every optional tensor present (q/k/v biases, qk norms, shared expert, MTP)."""
-    from jaxmoe.config import get_preset
     return param_specs(get_preset("tiny").replace(attention_bias=True, use_qk_norm=True))
 
 

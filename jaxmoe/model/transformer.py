@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.lora import expert_adapters, lora_eh, mlp_view
+from jaxmoe.model.deltas import EXPERT_DELTAS, linear
 from jaxmoe.model.layers import attention_block, ops_for, rms_norm, rope_tables, swiglu
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.moe.experts import routed_experts
@@ -37,13 +37,13 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
     xf = x.reshape(B * T, H)
     idx, w, scores = route(xf, p["router"], bias, c)
     dispatch = dispatch or local_moe_dispatch
-    ex = expert_adapters(p)  # routed-expert LoRA rides with the expert weights (sharded on `exp`)
+    ex = p.get(EXPERT_DELTAS)  # routed-expert adapters ride with the expert weights (sharded on `exp`)
     k = idx.shape[-1]
     y = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
                  **({"lora": ex} if ex else {}))
     y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
-        y = y + swiglu(x, p["shared_wi"], p["shared_wo"], opts, mlp_view(p, "shared"))
+        y = y + swiglu(p, x, "shared", opts)
     counts, probs_sum, ntok = load_balancing_terms(scores, idx, valid.reshape(-1), c.n_routed_experts)
     # over the whole micro-batch: data/expert may be manual axes in the train step (parallel/manual.py)
     counts, probs_sum, ntok = opts.sharding.psum_manual((counts, probs_sum, ntok), ("data", "expert"))
@@ -58,13 +58,14 @@ def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
     h = opts.sharding.constrain(h + checkpoint_name(a, "core_attn"), ACT)
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps, opts)
     if bias is None:
-        y, stats = checkpoint_name(swiglu(x, p["mlp_wi"], p["mlp_wo"], opts, mlp_view(p, "mlp")), "mlp"), {}
+        y, stats = checkpoint_name(swiglu(p, x, "mlp", opts), "mlp"), {}
     else:
         y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch)
     return opts.sharding.constrain(h + y, ACT), stats
 
 
-def _remat(fn, opts: ModelOptions):
+def remat_layer(fn, opts: ModelOptions):
+    """`fn` (a layer or scan body) under the remat policy of `opts` (--recompute_granularity / modules)."""
     if opts.remat == "none":
         return fn
     if opts.remat == "full":
@@ -80,7 +81,7 @@ def run_stack(stack, biases, h, ctx, c, opts, dispatch=None):
         out, stats = decoder_layer(p, carry, b, ctx, c, opts, dispatch)
         return out, stats
 
-    return jax.lax.scan(_remat(body, opts), h, (stack, biases))
+    return jax.lax.scan(remat_layer(body, opts), h, (stack, biases))
 
 
 def embed_tokens(params, tokens, opts: ModelOptions):
@@ -133,8 +134,8 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
         e = embed_tokens(params, nxt, opts)
         x = jnp.concatenate([rms_norm(e, p["enorm"], c.rms_norm_eps, opts),
                              rms_norm(h, p["hnorm"], c.rms_norm_eps, opts)], axis=-1)
-        x = lora_eh(p, x, jnp.einsum("btk,kh->bth", x, p["eh_proj"].astype(opts.dtype)))
-        layer = _remat(lambda lp, hh, b: decoder_layer(lp, hh, b, ctx, c, opts, dispatch), opts)
+        x = linear(p, "eh_proj", x, "btk,kh->bth", opts.dtype)
+        layer = remat_layer(lambda lp, hh, b: decoder_layer(lp, hh, b, ctx, c, opts, dispatch), opts)
         h, st = layer(p["layer"], x, state["mtp_bias"][i])
         outs.append(rms_norm(h, p["final_norm"], c.rms_norm_eps, opts))
         counts.append(st["counts"])

@@ -32,7 +32,7 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import MeshError
 from jaxmoe.model.options import ModelOptions
-from jaxmoe.model.transformer import ACT, _remat, decoder_layer, embed_tokens, finish_forward, make_context, run_stack
+from jaxmoe.model.transformer import ACT, decoder_layer, embed_tokens, finish_forward, make_context, remat_layer as _remat, run_stack
 
 MICRO_ACT = (None,) + ACT  # [M, B, T, H]: micro-batch dim replicated over stages
 

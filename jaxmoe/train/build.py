@@ -18,7 +18,9 @@ import jax
 import optax
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.lora.train import PartialTraining
 from jaxmoe.model.options import ModelOptions
+from jaxmoe.model.params import init_params, init_state
 from jaxmoe.sharding import Sharding
 from jaxmoe.train.args import TrainConfig
 from jaxmoe.train.loss import LossOptions
@@ -81,7 +83,6 @@ class BuiltStep:
 
     def abstract_state(self):
         """The train state as sharded shape structs (nothing allocated)."""
-        from jaxmoe.model.params import init_params, init_state
         if self.ptrain is None:
             trainable = lambda: init_params(self.c, jax.random.key(0))
         else:
@@ -106,8 +107,6 @@ class BuiltStep:
 
 def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=None) -> BuiltStep:
     """`ptrain`: the run's lora.train.PartialTraining when the caller already made it (default: from t)."""
-    from jaxmoe.lora.train import PartialTraining
-
     opts = model_options(t, mesh_platform(par), par.sharding)
     ptrain = ptrain or PartialTraining.from_train_config(t, c)
     optimizer = make_optimizer(t, train_iters)

@@ -16,10 +16,18 @@ import jax
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig, load_model_config
+from jaxmoe.convert.hf_checkpoint import TOKENIZER_FILES, read_pretrained
+from jaxmoe.data.loader import SFTLoader, build_sft_data
+from jaxmoe.data.pretrain import build_pretrain_loaders
+from jaxmoe.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from jaxmoe.distributed import maybe_initialize
+from jaxmoe.lora.train import PartialTraining
 from jaxmoe.model.params import init_params, init_state
+from jaxmoe.parallel.setup import build_parallel
 from jaxmoe.train import checkpoint as ckpt_lib
 from jaxmoe.train.args import TrainConfig
-from jaxmoe.train.build import build_step, micro_batches
+from jaxmoe.train.build import BuiltStep, build_step, micro_batches
+from jaxmoe.train.logging import TrainLogger, version_aside
 from jaxmoe.train.step import init_train_state
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "data")
@@ -101,9 +109,6 @@ def _coordinator():
 def write_run_files(t: TrainConfig, c: ModelConfig, hf_dir: str | None, log) -> None:
     """args.json (an earlier, different one is kept as args.N.json), config.json and the tokenizer files, so
     that orbax-to-hf and generate find everything in the --save dir."""
-    from jaxmoe.data.tokenizer import TINY_TOKENIZER_DIR
-    from jaxmoe.hf import TOKENIZER_FILES
-    from jaxmoe.train.logging import version_aside
 
     args_path, args = os.path.join(t.save, "args.json"), json.loads(json.dumps(dataclasses.asdict(t), default=str))
     if os.path.isfile(args_path):
@@ -159,15 +164,12 @@ def tokenizer_dir(t: TrainConfig, hf_dir: str | None) -> str | None:
 
 
 def build_data(t: TrainConfig, c: ModelConfig, hf_dir: str | None, shard_index: int, shard_count: int, log):
-    from jaxmoe.data.loader import SFTLoader, build_sft_data
-    from jaxmoe.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir(t, hf_dir))
     if len(tok) > c.vocab_size:
         raise ConfigError(f"tokenizer has {len(tok)} ids but the model's vocab_size is {c.vocab_size}; pass the "
                           "--tokenizer that belongs to --model")
     if t.task == "pt":
-        from jaxmoe.data.pretrain import build_pretrain_loaders
         return build_pretrain_loaders(t, tok, shard_index, shard_count, log)
     paths = t.dataset or [os.path.join(BUNDLED, "sft_tiny.jsonl")]
     train_rows, valid_rows, stats = build_sft_data(paths, tok, t.max_length, t.packing, t.truncation_strategy,
@@ -203,7 +205,6 @@ def evaluate(eval_fn, ts, valid, iters: int, put, frozen=None) -> float:
 def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     """Run the job described by `t`; returns the last logged metrics (for tests and scripts)."""
     t.validate()
-    from jaxmoe.distributed import maybe_initialize
     maybe_initialize(t)  # join the other processes of a multi-host job before anything touches a device
     is_main = jax.process_index() == 0
     lines: list[str] = []
@@ -220,10 +221,8 @@ def run(t: TrainConfig, stream=None) -> dict[str, Any]:
         stop.restore()
 
 
-def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[str, Any]:
-    from jaxmoe.parallel.setup import build_parallel
-    from jaxmoe.train.logging import TrainLogger
-
+def check_job(t: TrainConfig, log) -> tuple[ModelConfig, str | None, str | None, int | None]:
+    """resolve_model plus the checks that need the model config; prepares --save. Before data and compiles."""
     c, hf_dir, resume_dir, resume_step = resolve_model(t, log)
     if t.save:
         prepare_save_dir(t, resume_dir, resume_step, log)
@@ -235,158 +234,212 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
     if t.mtp_num_layers is not None and t.mtp_num_layers > c.num_nextn_predict_layers:
         raise ConfigError(f"--mtp_num_layers {t.mtp_num_layers}: the model has only {c.num_nextn_predict_layers} "
                           "MTP layers")
-    par = build_parallel(t, c)  # validates the mesh before anything is compiled
-    micro_batches(t, par)
-    from jaxmoe.lora.train import PartialTraining
-    ptrain = PartialTraining.from_train_config(t, c)  # LoRA / frozen parameters: train state = trainable part only
-    logger_save = t.save if is_main else None
+    return c, hf_dir, resume_dir, resume_step
 
-    # Each process loads only the rows of every global batch that its own devices hold.
-    train, valid = build_data(t, c, hf_dir, *par.process_batch_shard(), log)
-    train_iters = t.train_iters or (t.max_epochs or 1) * train.steps_per_epoch
-    built = build_step(t, c, par, train_iters, ptrain)
-    optimizer, num_micro = built.optimizer, built.num_micro
 
-    # ---- state: init, HF weights, or checkpoint ---------------------------------------------------------
-    iteration, consumed = 0, 0
+@dataclasses.dataclass
+class LoopState:
+    """What the loop advances: the train state, the frozen base (LoRA / partial training, else None), the
+    iteration and the samples consumed."""
+    ts: dict
+    frozen: Any
+    iteration: int = 0
+    consumed: int = 0
+
+
+def initial_state(built: BuiltStep, hf_dir: str | None, log) -> LoopState:
+    """The train state from HF weights or a fresh init (full training: fp32 masters in the ZeRO layout;
+    partial training: the frozen base in the compute dtype, the trainable part in the train state)."""
+    t, c, par, ptrain = built.t, built.c, built.par, built.ptrain
+    # full training: fp32 masters; partial training: the frozen base lives in the compute dtype only
+    dtype, shardings = ("float32", par.master_shardings) if ptrain is None else (t.dtype, par.param_shardings)
     if hf_dir:
-        from jaxmoe.hf import load_pretrained
-        m = load_pretrained(hf_dir, dtype="float32" if ptrain is None else t.dtype,
-                            shardings=par.master_shardings if ptrain is None else par.param_shardings)
-        params, mstate = m.params, jax.device_put(m.state, par.replicated)
+        _, params, mstate, _ = read_pretrained(hf_dir, dtype, shardings)
         log(f"> loaded weights from HF dir {hf_dir}")
-    elif ptrain is None:
-        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(t.seed))
-        mstate = jax.device_put(init_state(c), par.replicated)
-    else:  # the frozen base lives in the compute dtype only
-        params = jax.jit(lambda k: init_params(c, k, t.dtype), out_shardings=par.param_shardings)(
-            jax.random.key(t.seed))
-        mstate = jax.device_put(init_state(c), par.replicated)
-    frozen = None
-    if ptrain is None:
-        ts = jax.jit(lambda p, s: init_train_state(p, s, optimizer), out_shardings=par.state_shardings(optimizer))(
-            params, mstate)
     else:
-        ts, frozen = ptrain.init_train_state(params, mstate, optimizer, par), par.stage_frozen(params)
-        if t.adapter_load and not resume_dir:
-            ts = ptrain.load_adapters(t.adapter_load, ts, par)
-            log(f"> adapters from {t.adapter_load}")
-    if resume_dir:
-        abstract = ckpt_lib.abstract_like(ts)
-        if t.finetune:
-            part = {"params": abstract["params"], "model_state": abstract["model_state"]}
-            got, _, meta = ckpt_lib.restore(resume_dir, part, step=resume_step, partial=True)
-            ts = {**ts, **got}
-            log(f"> finetune: weights from {resume_dir} (iteration {meta['iteration']}), starting at step 0")
-        else:
-            ts, data_state, meta = ckpt_lib.restore(resume_dir, abstract, step=resume_step)
-            iteration, consumed = int(meta["iteration"]), int(meta["consumed_samples"])
-            if data_state is not None:
-                train.set_state(data_state)
-            elif not t.no_load_data_state:
-                raise ConfigError(f"--load {resume_dir}: step {resume_step} has no data-loader state (data/); pass "
-                                  "--no_load_data_state to resume with the data order restarted from the beginning")
-            else:
-                log("warning: --no_load_data_state: the data order restarts from the beginning")
-            log(f"> resumed from {resume_dir} at iteration {iteration}")
+        params = jax.jit(lambda k: init_params(c, k, dtype), out_shardings=shardings)(jax.random.key(t.seed))
+        mstate = init_state(c)
+    mstate = jax.device_put(mstate, par.replicated)
+    if ptrain is None:
+        ts = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
+                     out_shardings=par.state_shardings(built.optimizer))(params, mstate)
+        return LoopState(ts, None)
+    return LoopState(ptrain.init_train_state(params, mstate, built.optimizer, par), par.stage_frozen(params))
 
-    step_fn, eval_fn = built.step, built.eval
-    put = par.put_batch
 
+def build_state(built: BuiltStep, hf_dir: str | None, resume_dir: str | None, resume_step: int | None, train,
+                log) -> LoopState:
+    """The initial state, then (with --load) the checkpoint restored into it: all of it, or with --finetune
+    the weights only, starting at iteration 0. Resuming also puts the train loader where it stopped."""
+    st = initial_state(built, hf_dir, log)
+    if not resume_dir:
+        if built.ptrain is not None and built.t.adapter_load:
+            st.ts = built.ptrain.load_adapters(built.t.adapter_load, st.ts, built.par)
+            log(f"> adapters from {built.t.adapter_load}")
+        return st
+    t, abstract = built.t, ckpt_lib.abstract_like(st.ts)
+    if t.finetune:
+        part = {"params": abstract["params"], "model_state": abstract["model_state"]}
+        got, _, meta = ckpt_lib.restore(resume_dir, part, step=resume_step, partial=True)
+        st.ts = {**st.ts, **got}
+        log(f"> finetune: weights from {resume_dir} (iteration {meta['iteration']}), starting at step 0")
+        return st
+    st.ts, data_state, meta = ckpt_lib.restore(resume_dir, abstract, step=resume_step)
+    st.iteration, st.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
+    if data_state is not None:
+        train.set_state(data_state)
+    elif not t.no_load_data_state:
+        raise ConfigError(f"--load {resume_dir}: step {resume_step} has no data-loader state (data/); pass "
+                          "--no_load_data_state to resume with the data order restarted from the beginning")
+    else:
+        log("warning: --no_load_data_state: the data order restarts from the beginning")
+    log(f"> resumed from {resume_dir} at iteration {st.iteration}")
+    return st
+
+
+@dataclasses.dataclass
+class Job:
+    """The pieces of one training job the loop works with (built once by `_run`)."""
+    built: BuiltStep
+    train: Any  # the train loader
+    valid: Any  # the validation loader or None
+    train_iters: int
+    logger: Any  # train.logging.TrainLogger
+    ckpt: ckpt_lib.Checkpointer | None
+    stop: StopSignal
+
+
+def make_logger(t: TrainConfig, train_iters: int, start_iteration: int, stream, is_main: bool):
     tb = t.tensorboard_dir or (os.path.join(t.save, "runs") if t.save else None)
-    logger = TrainLogger(logger_save, train_iters, log_interval=t.log_interval,
-                         tensorboard_dir=tb if is_main else None, start_iteration=iteration,
-                         **({"stream": stream if is_main else open(os.devnull, "w")}
-                            if stream is not None or not is_main else {}))  # text on process 0 only
-    ckpt = ckpt_lib.Checkpointer(t.save, t.save_total_limit, t.async_save) if t.save else None
-    if t.save and is_main:
-        write_run_files(t, c, hf_dir, logger.info)
+    return TrainLogger(t.save if is_main else None, train_iters, log_interval=t.log_interval,
+                       tensorboard_dir=tb if is_main else None, start_iteration=start_iteration,
+                       **({"stream": stream if is_main else open(os.devnull, "w")}
+                          if stream is not None or not is_main else {}))  # text on process 0 only
+
+
+def log_job(job: Job, st: LoopState) -> None:
+    """The run's opening lines: trained / total parameters, mesh, iterations, micro-batches, pipeline."""
+    t, par, ptrain, info = job.built.t, job.built.par, job.built.ptrain, job.logger.info
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(par.param_shapes))
     if ptrain is not None:
-        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ts["params"]))
-        logger.info(f"> {t.train_type}: training {n_train / 1e6:.3f}M params ({100 * n_train / n_params:.3f}%)"
-                    f"{'' if ptrain.lc is None else f', LoRA r={ptrain.lc.rank} on {list(ptrain.lc.units())}'}, "
-                    f"extras {ptrain.extra_paths or 'none'}")
-    logger.info(f"> model: {n_params / 1e6:.2f}M params, mesh {par.describe()}, {train_iters} iterations, "
-                f"{num_micro} micro-batch(es) of {t.micro_batch_size} per data rank")
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(st.ts["params"]))
+        info(f"> {t.train_type}: training {n_train / 1e6:.3f}M params ({100 * n_train / n_params:.3f}%)"
+             f"{'' if ptrain.lc is None else f', LoRA r={ptrain.lc.rank} on {list(ptrain.lc.units())}'}, "
+             f"extras {ptrain.extra_paths or 'none'}")
+    num_micro = job.built.num_micro
+    info(f"> model: {n_params / 1e6:.2f}M params, mesh {par.describe()}, {job.train_iters} iterations, "
+         f"{num_micro} micro-batch(es) of {t.micro_batch_size} per data rank")
     if par.pipeline is not None:
         S = par.pipeline.stages
-        logger.info(f"> pipeline: {S} stages, MoE layers per stage {par.pipeline.describe()}, GPipe over "
-                    f"{num_micro + S - 1} iterations (bubble {(S - 1) / (num_micro + S - 1):.0%}"
-                    f"{'; use more micro-batches than stages' if num_micro < S else ''})")
+        info(f"> pipeline: {S} stages, MoE layers per stage {par.pipeline.describe()}, GPipe over "
+             f"{num_micro + S - 1} iterations (bubble {(S - 1) / (num_micro + S - 1):.0%}"
+             f"{'; use more micro-batches than stages' if num_micro < S else ''})")
 
-    def save(it):
-        if ckpt is None:
+
+def save_checkpoint(job: Job, st: LoopState) -> None:
+    if job.ckpt is None:
+        return
+    t, ptrain = job.built.t, job.built.ptrain
+    saved = {k: v for k, v in st.ts.items() if not (t.no_save_optim and k == "opt_state")}
+    job.ckpt.save(st.iteration, saved, job.train.get_state(), ckpt_lib.make_meta(
+        job.built.c, t, st.iteration, st.consumed, {"partial": ptrain.meta()} if ptrain else None))
+
+
+class MetricsLog:
+    """Logs each step's metrics one step late, so the host fetches step i's numbers while step i+1 runs;
+    stops the run after --max_skipped_iters non-finite steps in a row. `last` = the last logged metrics."""
+
+    def __init__(self, t: TrainConfig, logger):
+        self.t, self.logger, self.last, self.pending, self.t_last = t, logger, {}, None, time.perf_counter()
+
+    def push(self, iteration: int, metrics) -> None:
+        self.flush()
+        self.pending = (iteration, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
             return
-        saved = {k: v for k, v in ts.items() if not (t.no_save_optim and k == "opt_state")}
-        ckpt.save(it, saved, train.get_state(),
-                  ckpt_lib.make_meta(c, t, it, consumed, {"partial": ptrain.meta()} if ptrain else None))
-
-    last: dict[str, Any] = {}
-    pending = None
-    t_last = time.perf_counter()
-
-    def flush(p):
-        nonlocal t_last, last
-        it, mdev = p
+        (it, mdev), self.pending, t = self.pending, None, self.t
         m = _host(mdev)
         now = time.perf_counter()
-        elapsed = now - t_last
-        t_last = now
+        elapsed, self.t_last = now - self.t_last, now
         m.update(consumed_samples=it * t.global_batch_size, elapsed_ms=1000 * elapsed,
                  global_batch_size=t.global_batch_size, nan_iters=int(m["skipped_iters"]),
                  tokens_per_sec=float(m["tokens"]) / max(elapsed, 1e-9), num_devices=jax.device_count())
-        logger.log_train(it, m)
-        last = m
+        self.logger.log_train(it, m)
+        self.last = m
         if int(m["nan_in_a_row"]) >= t.max_skipped_iters:
             raise FloatingPointError(f"iteration {it}: {int(m['nan_in_a_row'])} non-finite steps in a row "
                                      f"(--max_skipped_iters {t.max_skipped_iters}); lower --lr or check the data")
 
-    try:
-        signalled = stop.requested()
+
+def train_loop(job: Job, st: LoopState) -> dict[str, Any]:
+    """Step until train_iters, --exit_interval or a stop signal; evaluate and save on their intervals.
+    Returns the last logged metrics (plus valid_loss after an evaluation)."""
+    t, b, logger = job.built.t, job.built, job.logger
+    metrics = MetricsLog(t, logger)
+    signalled = job.stop.requested()
+    if signalled:
+        logger.info(f"> received {job.stop.name} before the first step: nothing trained, nothing saved")
+    while st.iteration < job.train_iters and not signalled:
+        st.ts, m = b.step(st.ts, b.par.put_batch(next(job.train)), st.frozen)
+        st.iteration, st.consumed = st.iteration + 1, st.consumed + t.global_batch_size
+        if job.ckpt is not None:
+            job.ckpt.check()
+        metrics.push(st.iteration, m)
+        if job.valid is not None and (st.iteration % t.eval_interval == 0 or st.iteration == job.train_iters):
+            metrics.flush()
+            loss = evaluate(b.eval, st.ts, job.valid, t.eval_iters, b.par.put_batch, st.frozen)
+            logger.log_validation(st.iteration, loss)
+            metrics.last["valid_loss"] = loss
+        exit_now = bool(t.exit_interval) and st.iteration % t.exit_interval == 0
+        signalled = job.stop.requested()
+        if st.iteration % t.save_interval == 0 or st.iteration == job.train_iters or exit_now or signalled:
+            save_checkpoint(job, st)
+        if exit_now:
+            logger.info(f"> exiting at iteration {st.iteration} (--exit_interval {t.exit_interval})")
+            break
         if signalled:
-            logger.info(f"> received {stop.name} before the first step: nothing trained, nothing saved")
-        while iteration < train_iters and not signalled:
-            batch = put(next(train))
-            ts, metrics = step_fn(ts, batch, frozen)
-            iteration += 1
-            consumed += t.global_batch_size
-            if ckpt is not None:
-                ckpt.check()
-            if pending is not None:
-                flush(pending)  # the previous step's metrics: fetched while this step runs
-            pending = (iteration, metrics)
-            if valid is not None and (iteration % t.eval_interval == 0 or iteration == train_iters):
-                flush(pending)
-                pending = None
-                loss = evaluate(eval_fn, ts, valid, t.eval_iters, put, frozen)
-                logger.log_validation(iteration, loss)
-                last["valid_loss"] = loss
-            exit_now = bool(t.exit_interval) and iteration % t.exit_interval == 0
-            signalled = stop.requested()
-            if iteration % t.save_interval == 0 or iteration == train_iters or exit_now or signalled:
-                save(iteration)
-            if exit_now:
-                logger.info(f"> exiting at iteration {iteration} (--exit_interval {t.exit_interval})")
-                break
-            if signalled:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                if ckpt is not None:
-                    ckpt.wait()  # the checkpoint is complete before the message says so
-                where = (f"saved {t.save}/{iteration}; resume with --load {t.save}" if ckpt
-                         else "no --save, nothing saved")
-                logger.info(f"> received {stop.name}: stopped at iteration {iteration}, {where}")
-                break
-        if pending is not None:
-            flush(pending)
+            metrics.flush()
+            report_stop(job, st)
+            break
+    metrics.flush()
+    return metrics.last
+
+
+def report_stop(job: Job, st: LoopState) -> None:
+    if job.ckpt is not None:
+        job.ckpt.wait()  # the checkpoint is complete before the message says so
+    save = job.built.t.save
+    where = f"saved {save}/{st.iteration}; resume with --load {save}" if job.ckpt else "no --save, nothing saved"
+    job.logger.info(f"> received {job.stop.name}: stopped at iteration {st.iteration}, {where}")
+
+
+def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[str, Any]:
+    c, hf_dir, resume_dir, resume_step = check_job(t, log)
+    par = build_parallel(t, c)  # validates the mesh before anything is compiled
+    micro_batches(t, par)
+    ptrain = PartialTraining.from_train_config(t, c)  # LoRA / frozen parameters: train state = trainable part only
+    # Each process loads only the rows of every global batch that its own devices hold.
+    train, valid = build_data(t, c, hf_dir, *par.process_batch_shard(), log)
+    train_iters = t.train_iters or (t.max_epochs or 1) * train.steps_per_epoch
+    built = build_step(t, c, par, train_iters, ptrain)
+    st = build_state(built, hf_dir, resume_dir, resume_step, train, log)
+
+    logger = make_logger(t, train_iters, st.iteration, stream, is_main)
+    ckpt = ckpt_lib.Checkpointer(t.save, t.save_total_limit, t.async_save) if t.save else None
+    job = Job(built, train, valid, train_iters, logger, ckpt, stop)
+    try:
+        if t.save and is_main:
+            write_run_files(t, c, hf_dir, logger.info)
+        log_job(job, st)
+        last = train_loop(job, st)
     finally:
         try:
             if ckpt is not None:
                 ckpt.close()
         finally:
             logger.close()
-    last["iteration"] = iteration
+    last["iteration"] = st.iteration
     last["ppl"] = math.exp(min(20.0, float(last.get("lm_loss", 0.0))))
     return last
