@@ -31,9 +31,7 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
     opt = make_optimizer(t, 10)
     lo = LossOptions(mtp_layers=c.num_nextn_predict_layers, aux_coeff=1e-2)
     with par.context():
-        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-        mstate = jax.device_put(init_state(c), par.replicated)
-        ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+        ts = initial_state(par, opt, c)
         step = jax.jit(make_train_step(c, opts, lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2,
                                        **par.step_hooks()))
         batch = par.put_batch(rows if rows is not None else batch_rows())
@@ -44,6 +42,13 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
             ts, m = step(ts, batch)
             ms.append(jax.device_get(m))
     return jax.device_get(ts), ms
+
+
+def initial_state(par, opt, c=MICRO):
+    """The train state of full training from init_params(key 1), in par's layout (call inside par.context())."""
+    params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+    mstate = jax.device_put(init_state(c), par.replicated)
+    return jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
 
 
 def assert_states_close(a, b, rtol=1e-5):

@@ -33,6 +33,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import MeshError, constrain
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import ACT, _remat, decoder_layer, embed_tokens, finish_forward, make_context, run_stack
+from jaxmoe.model.transformer import dispatch_totals
 
 MICRO_ACT = (None,) + ACT  # [M, B, T, H]: micro-batch dim replicated over stages
 
@@ -183,12 +184,15 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
         outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(i - (S - 1), 0), 0)
         keep = valid & live[:, None]
         counts = counts + jnp.where(keep[..., None], st["counts"], 0)
-        aux = aux + jnp.sum(jnp.where(keep, st["aux_loss"], 0.0))
+        aux = jax.tree.map(jnp.add, aux, {"aux_loss": jnp.sum(jnp.where(keep, st["aux_loss"], 0.0)),
+                                          **dispatch_totals(st, keep)})
         return (out, outs, counts, aux), None
 
     E = state["moe_bias"].shape[-1]
     h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
-    carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, E), jnp.float32), jnp.zeros((), jnp.float32))
+    aux0 = {"aux_loss": jnp.zeros((), jnp.float32),
+            **{f"moe_{k}": jnp.zeros((), jnp.int32) for k in getattr(dispatch, "stats", ())}}
+    carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, E), jnp.float32), aux0)
     (_, outs, counts, aux), _ = jax.lax.scan(iteration, carry, jnp.arange(M + S - 1))
     outs = constrain(outs, MICRO_ACT)
 
@@ -202,6 +206,6 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
 
     obj, stats = _over_stages(post, (outs, padded), S, rest)
     stats = jax.tree.map(lambda a: a.sum(0), stats)
-    stats["aux_loss"] = stats["aux_loss"] + aux
+    stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)
     return obj.sum(), stats

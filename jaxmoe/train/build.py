@@ -123,5 +123,7 @@ def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=Non
                      param_shardings=ptrain.compute_shardings(par), frozen_shardings=par.param_shardings)
     bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
     step_fn = make_train_step(c, opts, lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate, **hooks)
-    eval_fn = make_eval_step(c, opts, dispatch=par.dispatch, combine=combine_eval, par=par, num_micro=num_micro)
+    # evaluation has no re-run on overflow (train/loop.py): worst-case expert-parallel buffers (no backward)
+    ev_dispatch = par.dispatch.worst_case() if getattr(par.dispatch, "bounded", False) else par.dispatch
+    eval_fn = make_eval_step(c, opts, dispatch=ev_dispatch, combine=combine_eval, par=par, num_micro=num_micro)
     return BuiltStep(t, c, par, opts, lo, optimizer, schedule, num_micro, ptrain, step_fn, eval_fn)

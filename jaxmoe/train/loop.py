@@ -200,6 +200,31 @@ def evaluate(eval_fn, ts, valid, iters: int, put, frozen=None) -> float:
     return nll / max(tok, 1.0)
 
 
+def overflow_guarded(built, train_iters: int, log):
+    """built.step, or with a bounded dropless expert-parallel buffer (--moe_dispatch_buffer_factor) a step that
+    re-runs every step whose buffer overflowed (it left the train state unchanged, train/step.py) with
+    worst-case buffers, compiled on the first overflow. The overflow count is read on the host after each step."""
+    if not getattr(built.par.dispatch, "bounded", False):
+        return built.step
+    fallback = []
+
+    def step(ts, batch, frozen=None):
+        ts, m = built.step(ts, batch, frozen)
+        over = int(m["moe_overflow"])
+        if not over:
+            return ts, m
+        if not fallback:
+            log(f"warning: {over} token copies overflowed the expert-parallel buffers (--moe_dispatch_buffer_factor "
+                f"{built.t.moe_dispatch_buffer_factor}); such steps re-run with worst-case buffers (compiling them "
+                "now); raise --moe_dispatch_buffer_factor if this repeats")
+            par = dataclasses.replace(built.par, dispatch=built.par.dispatch.worst_case())
+            fallback.append(build_step(built.t, built.c, par, train_iters, built.ptrain).step)
+        ts, m = fallback[0](ts, batch, frozen)
+        return ts, {**m, "moe_overflow": over}
+
+    return step
+
+
 def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     """Run the job described by `t`; returns the last logged metrics (for tests and scripts)."""
     t.validate()
@@ -290,7 +315,7 @@ def _run(t: TrainConfig, stream, is_main: bool, log, stop: StopSignal) -> dict[s
                 log("warning: --no_load_data_state: the data order restarts from the beginning")
             log(f"> resumed from {resume_dir} at iteration {iteration}")
 
-    step_fn, eval_fn = built.step, built.eval
+    step_fn, eval_fn = overflow_guarded(built, train_iters, log), built.eval
     put = par.put_batch
 
     tb = t.tensorboard_dir or (os.path.join(t.save, "runs") if t.save else None)

@@ -134,7 +134,7 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         grads, gnorm = clip_by_global_norm(grads, clip_grad)
         lm_loss = stats["nll_sum"] / n_tok
         finite = jnp.isfinite(lm_loss) & jnp.isfinite(gnorm)
-        updates, new_opt = optimizer.update(grads, ts["opt_state"], master)
+        updates, new_opt = jax.named_scope("optimizer")(optimizer.update)(grads, ts["opt_state"], master)
         new_params = optax.apply_updates(master, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
@@ -154,6 +154,8 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
             "skipped_iters": ts["skipped_iters"] + (~finite).astype(jnp.int32),
             "nan_in_a_row": jnp.where(finite, 0, ts["nan_in_a_row"] + 1),
         }
+        if "moe_overflow" in stats:  # a bounded EP buffer overflowed: state unchanged, the trainer re-runs the step
+            new_ts = jax.tree.map(lambda a, b: jnp.where(stats["moe_overflow"] > 0, b, a), new_ts, ts)
         metrics = {
             "lm_loss": lm_loss, "grad_norm": gnorm, "lr": schedule(ts["updates"]), "tokens": n_tok,
             "aux_loss": stats["aux_loss"] / num_micro, "finite": finite,
@@ -161,6 +163,7 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, lo: LossOptions, optimiz
         }
         if "moe_counts" in stats:
             metrics["expert_load"] = stats["moe_counts"]
+        metrics.update({k: stats[k] for k in ("moe_dropped", "moe_overflow") if k in stats})  # EP token copies
         if "mtp_nll_sum" in stats:
             metrics["mtp_loss"] = stats["mtp_nll_sum"] / jnp.maximum(stats["mtp_tokens"], 1.0)
         return new_ts, metrics
