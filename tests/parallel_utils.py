@@ -65,10 +65,11 @@ def assert_states_close(a, b, rtol=1e-5):
 PIPE_OPT = dict(adam_eps=1e-3)
 
 
-def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=None, common=None, **kw):
+def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=None, common=None, metrics=False,
+                      **kw):
     """One train step on `mesh` equals the single-device step: loss terms 1e-5, expert load exactly, every
     updated parameter 1e-5 relative, router bias exactly. `common`: flags of both runs, `kw`: of the mesh run.
-    Returns the single-device result (reuse it)."""
+    Returns the single-device result (reuse it), or with `metrics` the mesh run's metrics."""
     common = common or {}
     ts, ms = run_steps(mesh, n_devices, num_micro, c=c, **common, **kw)
     ref_ts, ref_ms = ref if ref is not None else run_steps("", 1, num_micro, c=c, **common)
@@ -76,7 +77,7 @@ def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=No
         np.testing.assert_allclose(float(ms[0][key]), float(ref_ms[0][key]), rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(np.asarray(ms[0]["expert_load"]), np.asarray(ref_ms[0]["expert_load"]))
     assert_states_close(ts, ref_ts)
-    return ref_ts, ref_ms
+    return ms if metrics else (ref_ts, ref_ms)
 
 
 if __name__ == "__main__":  # python -m tests.parallel_utils MESH DEVICES NUM_MICRO [pipe]: for > 8 fake devices

@@ -16,8 +16,9 @@ from jaxmoe.moe.experts import routed_experts
 from jaxmoe.parallel.setup import build_parallel
 from jaxmoe.train.build import build_step
 from jaxmoe.train.loop import overflow_guarded
-from tests.parallel_utils import batch_rows, initial_state
-from tests.train_utils import MICRO, train_config
+from tests.parallel_utils import PIPE_OPT, batch_rows, check_equivalence, initial_state
+from tests.test_pipeline import reference as pipeline_reference
+from tests.train_utils import MICRO, PIPE, train_config
 
 PHASES = ["moe/route", "moe/dispatch_preprocess", "moe/dispatch/", "moe/experts", "moe/combine", "moe/postprocess",
           "/attention/", "/mlp/", "/optimizer/"]
@@ -66,6 +67,14 @@ def test_capacity_drops_per_device_like_megatron(policy):
     np.testing.assert_allclose(np.asarray(y), np.concatenate(ys), rtol=1e-5, atol=1e-6)
 
 
+def test_pipeline_carries_the_dropped_count():
+    """pp=2 x ep=2 with capacity factor E/k (every expert may keep all local copies): the pipelined step reports
+    `moe_dropped` (0, from the live stage iterations and MTP) and equals the single-device step."""
+    ms = check_equivalence("pp=2,ep=2", 4, 4, c=PIPE, ref=pipeline_reference(), common=PIPE_OPT,
+                           moe_expert_capacity_factor=4.0, metrics=True)
+    assert int(ms[0]["moe_dropped"]) == 0
+
+
 @pytest.fixture(scope="module")
 def bounded():
     """The ep=4 train step with per-peer buffers of F = 0.5 (an eighth of the worst case: always overflows)."""
@@ -110,7 +119,9 @@ def test_bounded_buffer_rows():
     (which bounds the buffer itself) the factor is not used."""
     mesh = make_mesh(MeshSpec(expert=4), jax.devices()[:4])
     assert make_ep_dispatch(mesh, buffer_factor=1.5).buffer_rows(1000, 8, 4) == (375, None)
-    assert make_ep_dispatch(mesh, buffer_factor=8.0).buffer_rows(1000, 8, 4) == (1000, None)
+    assert make_ep_dispatch(mesh, buffer_factor=3.9).buffer_rows(1000, 8, 4) == (975, None)
+    assert not make_ep_dispatch(mesh, buffer_factor=4.0).bounded  # F >= ep: the worst case, no re-run needed
+    assert make_ep_dispatch(mesh).buffer_rows(1000, 8, 4) == (1000, None)
     capped = make_ep_dispatch(mesh, capacity_factor=1.0, buffer_factor=1.5)
     assert capped.buffer_rows(1000, 8, 4) == (250, 125) and capped.stats == ("dropped",) and not capped.bounded
 
@@ -123,3 +134,20 @@ def test_bounded_buffer_rows():
 def test_bad_moe_flags(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         train_config(**kw).validate()
+
+
+def test_log_line_sums_the_interval_copy_counts():
+    """The text line shows the dropped / overflowed token copies summed over the log interval."""
+    import io
+
+    from jaxmoe.train.logging import TrainLogger
+    out = io.StringIO()
+    log = TrainLogger(None, train_iters=4, log_interval=2, stream=out)
+    for it, (dropped, over) in enumerate([(3, 0), (4, 5), (0, 0), (1, 0)], 1):
+        log.log_train(it, dict(consumed_samples=8 * it, elapsed_ms=1.0, lr=1e-4, global_batch_size=8, lm_loss=2.0,
+                               grad_norm=1.0, skipped_iters=0, nan_iters=0, tokens=100, tokens_per_sec=10.0,
+                               num_devices=4, moe_dropped=np.int32(dropped), moe_overflow=over))
+    log.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" dropped token copies: 7 | EP buffer overflow copies (steps re-run): 5 |")
+    assert lines[1].endswith(" dropped token copies: 1 | EP buffer overflow copies (steps re-run): 0 |")

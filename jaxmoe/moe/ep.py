@@ -142,7 +142,7 @@ def _dispatch(buf, ebuf, send_counts, plan: Plan):
     """Megatron's token_dispatch: each peer gets its buffer (and the rows' local experts)."""
     ep, cap, H = buf.shape
     if plan.transport == "ragged":
-        recv = _ragged_exchange(buf.reshape(ep * cap, H), send_counts, cap).reshape(ep, cap, H)
+        recv = _ragged_exchange(buf.reshape(ep * cap, H), send_counts, cap, plan.ep_axes).reshape(ep, cap, H)
     else:
         recv = jax.lax.all_to_all(buf, plan.ep_axes, 0, 0, tiled=True)
     return recv, jax.lax.all_to_all(ebuf, plan.ep_axes, 0, 0, tiled=True)
@@ -166,7 +166,8 @@ def _combine(ys, send_counts, plan: Plan):
     """Megatron's token_combine: the results go back to the devices that sent the rows."""
     ep, cap, H = ys.shape
     if plan.transport == "ragged":
-        return _ragged_exchange(ys.reshape(ep * cap, H), _recv_counts(send_counts), cap).reshape(ep, cap, H)
+        back = _ragged_exchange(ys.reshape(ep * cap, H), _recv_counts(send_counts, plan.ep_axes), cap, plan.ep_axes)
+        return back.reshape(ep, cap, H)
     return jax.lax.all_to_all(ys, plan.ep_axes, 0, 0, tiled=True)
 
 
@@ -213,50 +214,51 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, plan: Plan):
     return y.astype(dt), stats[None]
 
 
-def _recv_counts(send_counts):
-    """How many rows each peer sent me (the transpose of everyone's send counts)."""
-    return jax.lax.all_to_all(send_counts[:, None], "expert", 0, 0, tiled=True)[:, 0]
+def _recv_counts(send_counts, axes):
+    """How many rows each peer of the group `axes` sent me (the transpose of everyone's send counts)."""
+    return jax.lax.all_to_all(send_counts[:, None], axes, 0, 0, tiled=True)[:, 0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ragged_exchange(operand, send_counts, cap):
-    """Move only the real rows: chunk i of `operand` (rows [i*cap, i*cap + send_counts[i])) lands at
-    offset my_rank*cap of peer i's output. Output buffers are zero-initialised (unwritten rows stay 0).
-    Differentiable and batchable (the pipeline vmaps the MoE dispatch over stages)."""
-    return _batchable_exchange(operand, send_counts, cap)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ragged_exchange(operand, send_counts, cap, axes):
+    """Move only the real rows over the group `axes`: chunk i of `operand` (rows [i*cap, i*cap +
+    send_counts[i])) lands at offset my_rank*cap of peer i's output. Output buffers are zero-initialised
+    (unwritten rows stay 0). Differentiable and batchable (the pipeline vmaps the MoE dispatch over stages)."""
+    return _batchable_exchange(operand, send_counts, cap, axes)
 
 
-def _exchange_fwd(operand, send_counts, cap):
-    return _batchable_exchange(operand, send_counts, cap), _recv_counts(send_counts)
+def _exchange_fwd(operand, send_counts, cap, axes):
+    return _batchable_exchange(operand, send_counts, cap, axes), _recv_counts(send_counts, axes)
 
 
-def _exchange_bwd(cap, recv_counts, ct):
+def _exchange_bwd(cap, axes, recv_counts, ct):
     # The exchange is a permutation of rows with the same offset pattern both ways (chunk i at i*cap is sent
     # to offset me*cap of peer i): its transpose sends the received rows back with the counts swapped.
-    return _batchable_exchange(ct, recv_counts, cap), None
+    return _batchable_exchange(ct, recv_counts, cap, axes), None
 
 
 _ragged_exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
-def _ragged_a2a(operand, send_counts, cap):
+def _ragged_a2a(operand, send_counts, cap, axes):
+    """Peers are numbered as all_to_all and the experts' sharding number them: row-major over `axes`."""
     ep = send_counts.shape[0]
-    me = jax.lax.axis_index("expert")
+    me = jax.lax.axis_index(axes)
     input_offsets = (jnp.arange(ep) * cap).astype(jnp.int32)
     output_offsets = jnp.full((ep,), me * cap, jnp.int32)
-    recv_sizes = _recv_counts(send_counts)
+    recv_sizes = _recv_counts(send_counts, axes)
     out = jnp.zeros_like(operand)
     return jax.lax.ragged_all_to_all(operand, out, input_offsets, send_counts, output_offsets, recv_sizes,
-                                     axis_name="expert")
+                                     axis_name=axes)
 
 
-def _batchable_exchange(operand, send_counts, cap):
+def _batchable_exchange(operand, send_counts, cap, axes):
     """ragged_all_to_all has no batching rule (jax 0.10: an AssertionError under vmap). Under the pipeline's
     vmap over stages each device holds one stage's slice, so a batch is unstacked and exchanged slice by slice
     (one slice per device in practice)."""
     @jax.custom_batching.custom_vmap
     def f(x, counts):
-        return _ragged_a2a(x, counts, cap)
+        return _ragged_a2a(x, counts, cap, axes)
 
     @f.def_vmap
     def rule(axis_size, in_batched, x, counts):
@@ -278,16 +280,11 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     dropless per-peer buffer (module doc); `pad_to_capacity` exchanges whole capacity-padded buffers (the
     all_to_all transport). `stats`: the `dispatch.stats` counts of the whole micro-batch (int32 scalars).
     `dispatch.worst_case()` is the same dispatch without the dropless bound."""
-    folded = tuple(ep_axes) != ("expert",)
     platform = mesh.devices.flat[0].platform  # the target's, not the running backend's (jaxmoe.aot)
     if transport == "auto":
-        # the ragged exchange runs over `expert` only for now; padded buffers move whole
-        transport = "ragged" if platform == "gpu" and not folded and not pad_to_capacity else "all_to_all"
+        transport = "ragged" if platform == "gpu" and not pad_to_capacity else "all_to_all"  # padded: moved whole
     if transport not in ("all_to_all", "ragged"):
         raise ValueError(f"--moe_transport {transport!r}: choose auto, all_to_all or ragged")
-    if transport == "ragged" and folded:
-        raise ValueError(f"--moe_transport ragged exchanges over the `expert` axis only; with the expert-parallel "
-                         f"group folded over {list(ep_axes[1:])} use --moe_transport all_to_all (or auto)")
     if transport == "ragged" and platform == "cpu":
         raise ValueError("--moe_transport ragged needs a GPU (XLA:CPU cannot compile ragged_all_to_all); "
                          "use all_to_all")
@@ -299,8 +296,10 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     rows = tuple(a for a in ("data", "expert") if mesh.shape[a] > 1 or a == "expert")
     cols = tuple(a for a in ("sequence", "tensor") if mesh.shape[a] > 1)
     tok = P(rows, cols or None)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    bound = buffer_factor if capacity_factor is None and buffer_factor is not None and buffer_factor < ep else None
     plan = Plan(transport, tuple(ep_axes), rows + cols, "tensor" if etp > 1 else None, capacity_factor,
-                drop_policy, None if capacity_factor is not None else buffer_factor)
+                drop_policy, bound)  # a factor >= ep is the worst case: nothing to bound, nothing to re-run
     wspec = P(tuple(ep_axes))
     wi_spec, wo_spec = ((P(tuple(ep_axes), None, None, "tensor"), P(tuple(ep_axes), "tensor")) if plan.etp_axis
                         else (wspec, wspec))
@@ -321,6 +320,7 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     dispatch.transport = transport
     dispatch.stats = plan.reported
     dispatch.bounded = plan.buffer_factor is not None
+    dispatch.buffer_factor = plan.capacity_factor or plan.buffer_factor  # buffer rows / rows sent (None: ep)
     dispatch.buffer_rows = plan.buffer_rows
     dispatch.worst_case = lambda: make_ep_dispatch(mesh, transport, capacity_factor, drop_policy, ep_axes, etp,
                                                    None, pad_to_capacity)
