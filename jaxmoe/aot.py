@@ -144,7 +144,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
     hlo = compiled.as_text()
     ma = compiled.memory_analysis()
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
-    coll = perf.collective_bytes(hlo, top=top, with_ops=True)
+    coll = perf.collective_bytes(hlo, top=top, with_ops=True,
+                                 ragged_buffer_factor=getattr(par.dispatch, "buffer_factor", None))
     flops = model_flops_per_step(t, c) / len(devices)
     return {
         "gpu": gpu.name, "gpus": len(devices), "gpus_per_host": per_host, "mesh": par.describe(),

@@ -240,11 +240,14 @@ def _callees(instr: dict):
             yield role, n
 
 
-def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dict[str, Any]:
+def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False,
+                     ragged_buffer_factor: float | None = None) -> dict[str, Any]:
     """Per collective kind: ops (static count), executions (x trip counts), payload and wire bytes per device
     per call of the module. Async pairs count once (at `-start`); groups of one device move nothing. With
     `top`, also the `top` ops of largest total payload (name, kind, group size, executions, payload); with
-    `with_ops`, every op with its attributes (replica groups: see replica_groups)."""
+    `with_ops`, every op with its attributes (replica groups: see replica_groups). `ragged_buffer_factor`: the
+    EP dispatch buffer's size over the rows it sends (moe/ep.py `dispatch.buffer_factor`; default the group
+    size, the dropless worst case)."""
     mod = parse_hlo(hlo_text)
     mult, unknown = computation_multiplicity(mod)
     n_dev = mod["num_partitions"]
@@ -276,8 +279,10 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False) -> dic
                 moving = sum(a != b for a, b in pairs)
                 payload, wire = operand, operand * moving / max(n_dev, 1)
             elif kind == "ragged-all-to-all":  # only the rows its sizes name move (known at run time); the
-                # dropless EP dispatch sends n*k rows from a buffer of ep x n*k (moe/ep.py): 1/n of the buffer
-                payload, wire = operand / n, operand * (n - 1) / n / n
+                # dropless EP dispatch sends n*k rows from a buffer of ep x n*k (moe/ep.py): 1/n of the buffer,
+                # of a bounded buffer (F x n*k rows) 1/F
+                over = n if ragged_buffer_factor is None else min(max(ragged_buffer_factor, 1.0), n)
+                payload, wire = operand / over, operand * (n - 1) / n / over
             else:  # reduce-scatter, all-to-all
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,

@@ -1,10 +1,8 @@
 """Run one train step on a mesh of fake CPU devices, for equivalence with the single-device reference."""
 from __future__ import annotations
 
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.model.params import init_params, init_state
@@ -31,9 +29,7 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
     opts = model_options(t, sharding=par.sharding)
     opt = make_optimizer(t, 10)
     lo = LossOptions(mtp_layers=c.num_nextn_predict_layers, aux_coeff=1e-2)
-    params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-    mstate = jax.device_put(init_state(c), par.replicated)
-    ts = jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+    ts = initial_state(par, opt, c)
     sc = StepConfig(lo, opt, lr_schedule(t, 10), num_micro, t.clip_grad, 1e-2)
     step = jax.jit(make_train_step(c, opts, sc, StepHooks.for_layout(par)))
     batch = par.put_batch(rows if rows is not None else batch_rows())
@@ -81,6 +77,13 @@ def check_built_equivalence(mesh: str, n_devices: int, c=MICRO, ref=None, **kw):
     return ref_ts, ref_m
 
 
+def initial_state(par, opt, c=MICRO):
+    """The train state of full training from init_params(key 1), in par's layout."""
+    params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
+    mstate = jax.device_put(init_state(c), par.replicated)
+    return jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+
+
 def assert_states_close(a, b, rtol=1e-5):
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a["params"])[0], jax.tree.leaves(b["params"])):
         x, y = np.asarray(x), np.asarray(y)
@@ -95,10 +98,11 @@ def assert_states_close(a, b, rtol=1e-5):
 PIPE_OPT = dict(adam_eps=1e-3)
 
 
-def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=None, common=None, **kw):
+def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=None, common=None, metrics=False,
+                      **kw):
     """One train step on `mesh` equals the single-device step: loss terms 1e-5, expert load exactly, every
     updated parameter 1e-5 relative, router bias exactly. `common`: flags of both runs, `kw`: of the mesh run.
-    Returns the single-device result (reuse it)."""
+    Returns the single-device result (reuse it), or with `metrics` the mesh run's metrics."""
     common = common or {}
     ts, ms = run_steps(mesh, n_devices, num_micro, c=c, **common, **kw)
     ref_ts, ref_ms = ref if ref is not None else run_steps("", 1, num_micro, c=c, **common)
@@ -106,7 +110,7 @@ def check_equivalence(mesh: str, n_devices: int, num_micro: int, c=MICRO, ref=No
         np.testing.assert_allclose(float(ms[0][key]), float(ref_ms[0][key]), rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(np.asarray(ms[0]["expert_load"]), np.asarray(ref_ms[0]["expert_load"]))
     assert_states_close(ts, ref_ts)
-    return ref_ts, ref_ms
+    return ms if metrics else (ref_ts, ref_ms)
 
 
 if __name__ == "__main__":  # python -m tests.parallel_utils MESH DEVICES NUM_MICRO [pipe]: for > 8 fake devices

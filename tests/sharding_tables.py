@@ -12,7 +12,8 @@ import jax
 
 from jaxmoe.config import load_model_config
 from jaxmoe.lora.adapters import LoraConfig, lora_specs
-from jaxmoe.mesh import MESH_AXES, logical_rules, logical_to_spec  # the rule table: its one import here
+from jaxmoe.mesh import MESH_AXES
+from jaxmoe.sharding import logical_rules, logical_to_spec  # the rule table: its one import here
 from jaxmoe.model.params import is_spec, param_specs, tree_paths
 from jaxmoe.parallel.setup import mesh_spec, validate_layout, zero_spec_all
 from tests.train_utils import train_config

@@ -72,6 +72,9 @@ ENTRY %main (a: bf16[64,32], o: bf16[64,32], off: s32[4], n: s32[4]) -> bf16[64,
     r = perf.collective_bytes(hlo)["ragged-all-to-all"]
     # the EP dispatch's buffer holds ep x the rows it sends: a quarter of it moves, 3/4 of that leaves the device
     assert (r["ops"], r["payload_bytes"], r["wire_bytes"]) == (1, 64 * 32 * 2 / 4, 0.75 * 64 * 32 * 2 / 4)
+    # a bounded buffer (--moe_dispatch_buffer_factor 2) holds twice the rows it sends
+    r = perf.collective_bytes(hlo, ragged_buffer_factor=2.0)["ragged-all-to-all"]
+    assert (r["payload_bytes"], r["wire_bytes"]) == (64 * 32 * 2 / 2, 0.75 * 64 * 32 * 2 / 2)
 
 
 def test_pipeline_with_as_many_micro_batches_as_stages_under_tp_sp_is_one_error():

@@ -30,6 +30,15 @@ def test_full_step_compiles_with_pallas_and_ragged(mesh):
     assert 0 < r["memory"]["total"] < r["memory"]["device"]
 
 
+def test_ragged_exchange_over_a_folded_expert_group():
+    """ep 8 on tp 2 x cp 2 x dp 2 (the group folded over expert, sequence and tensor): the ragged exchange runs
+    over the tuple of axes."""
+    r = report(["--tensor_model_parallel_size", "2", "--context_parallel_size", "2", "--expert_model_parallel_size",
+                "8"] + TINY)
+    assert r["transport"] == "ragged"
+    assert r["collectives"]["ragged-all-to-all"]["executions"] > 0
+
+
 def test_lora_step_compiles():
     r = report(["--mesh", "tp=2,ep=2,dp=2", "--train_type", "lora", "--lora_rank", "4"] + TINY)
     assert r["train_type"] == "lora" and r["transport"] == "ragged"

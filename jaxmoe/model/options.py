@@ -21,7 +21,6 @@ class ModelOptions:
     remat: str = "none"  # none | full | selective (Megatron --recompute_granularity)
     remat_modules: tuple[str, ...] = ()  # selective: which pieces to recompute (core_attn, moe_act, mlp, ...)
     moe_transport: str = "auto"  # EP token dispatch: auto | all_gather | all_to_all | ragged (GPU)
-    moe_capacity_factor: float | None = None  # None = dropless (Megatron default)
     # The platform the program is compiled for ("gpu", "cpu"); None = the running backend. Set explicitly when
     # compiling for devices other than the running backend's (jaxmoe.aot: compile-only GPUs on a CPU host).
     platform: str | None = None

@@ -16,6 +16,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.deltas import EXPERT_DELTAS, linear
 from jaxmoe.model.layers import attention_block, ops_for, rms_norm, rope_tables, swiglu
 from jaxmoe.model.options import ModelOptions
+from jaxmoe.moe.ep import STATS
 from jaxmoe.moe.experts import routed_experts
 from jaxmoe.moe.router import aux_loss, load_balancing_terms, route
 
@@ -24,11 +25,17 @@ ACT = ("batch", "length", "embed")
 
 def local_moe_dispatch(x, idx, w, wi, wo, opts: ModelOptions, lora=None):
     """Routed experts for tokens x [B, T, H] (idx, w [B, T, k]) on this device (the reference; EP swaps in
-    moe/ep.py)."""
+    moe/ep.py) -> (y, dispatch stats: none here)."""
     H, k = x.shape[-1], idx.shape[-1]
     y = routed_experts(x.reshape(-1, H), idx.reshape(-1, k), w.reshape(-1, k), wi, wo, ops_for(opts).gmm,
                        opts.dtype, lora)
-    return y.reshape(x.shape)
+    return y.reshape(x.shape), {}
+
+
+def dispatch_totals(st: dict, mask=None) -> dict:
+    """The EP dispatch's token-copy counts (moe/ep.py STATS) of stacked layer stats, summed over the layers
+    (where `mask`) as aux keys "moe_dropped" / "moe_overflow"."""
+    return {f"moe_{k}": jnp.sum(st[k] if mask is None else jnp.where(mask, st[k], 0)) for k in STATS if k in st}
 
 
 def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Callable | None = None):
@@ -39,26 +46,29 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
     dispatch = dispatch or local_moe_dispatch
     ex = p.get(EXPERT_DELTAS)  # routed-expert adapters ride with the expert weights (sharded on `exp`)
     k = idx.shape[-1]
-    y = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
-                 **({"lora": ex} if ex else {}))
+    y, dstats = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
+                         **({"lora": ex} if ex else {}))
     y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
         y = y + swiglu(p, x, "shared", opts)
     counts, probs_sum, ntok = load_balancing_terms(scores, idx, valid.reshape(-1), c.n_routed_experts)
     # over the whole micro-batch: data/expert may be manual axes in the train step (parallel/manual.py)
-    counts, probs_sum, ntok = opts.sharding.psum_manual((counts, probs_sum, ntok), ("data", "expert"))
+    counts, probs_sum, ntok, dstats = opts.sharding.psum_manual((counts, probs_sum, ntok, dstats),
+                                                                ("data", "expert"))
     aux = aux_loss(counts, probs_sum, ntok, c.n_routed_experts, c.num_experts_per_tok)
-    return y, {"counts": counts, "aux_loss": aux}
+    return y, {"counts": counts, "aux_loss": aux, **dstats}
 
 
 def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=None):
     """One pre-norm decoder layer. `bias` is None for dense layers."""
     x = rms_norm(h, p["attn_norm"], c.rms_norm_eps, opts)
-    a = attention_block(p, x, ctx["rope"], ctx["segment_ids"], c, opts, ctx.get("token_index"))
+    with jax.named_scope("attention"):  # phase names in profiles / HLO metadata (the MoE's: moe/ep.py)
+        a = attention_block(p, x, ctx["rope"], ctx["segment_ids"], c, opts, ctx.get("token_index"))
     h = opts.sharding.constrain(h + checkpoint_name(a, "core_attn"), ACT)
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps, opts)
     if bias is None:
-        y, stats = checkpoint_name(swiglu(p, x, "mlp", opts), "mlp"), {}
+        with jax.named_scope("mlp"):
+            y, stats = checkpoint_name(swiglu(p, x, "mlp", opts), "mlp"), {}
     else:
         y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch)
     return opts.sharding.constrain(h + y, ACT), stats
@@ -119,6 +129,7 @@ def decoder(params, state, h, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
         h, st = run_stack(params["moe"], state["moe_bias"], h, ctx, c, opts, dispatch)
         aux["moe_counts"] = st["counts"]
         aux["aux_loss"] = st["aux_loss"].sum()
+        aux.update(dispatch_totals(st))
     return h, aux
 
 
@@ -126,8 +137,8 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
                 num_layers: int | None = None):
     """Multi-token prediction (Megatron MultiTokenPredictionBlock / DeepSeek-V3): depth i combines the
     previous depth's hidden state with the embedding of the token i+1 ahead, runs one MoE layer and the
-    shared-head norm. Returns ([h_mtp per depth], counts [n_mtp, E], aux_loss)."""
-    outs, counts, aux = [], [], jnp.zeros((), jnp.float32)
+    shared-head norm. Returns ([h_mtp per depth], counts [n_mtp, E], aux_loss, dispatch_totals)."""
+    outs, counts, aux, dstats = [], [], jnp.zeros((), jnp.float32), {}
     nxt = batch["labels"]  # token t+1 for the shifted (Megatron) layout
     for i in range(c.num_nextn_predict_layers if num_layers is None else num_layers):
         p = jax.tree.map(lambda a: a[i], params["mtp"])
@@ -140,8 +151,9 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
         outs.append(rms_norm(h, p["final_norm"], c.rms_norm_eps, opts))
         counts.append(st["counts"])
         aux = aux + st["aux_loss"]
+        dstats = {k: dstats.get(k, 0) + v for k, v in dispatch_totals(st).items()}
         nxt = shifted_field(batch, "labels", i + 1, nxt)
-    return outs, jnp.stack(counts), aux
+    return outs, jnp.stack(counts), aux, dstats
 
 
 def forward(params, state, batch: dict, c: ModelConfig, opts: ModelOptions, with_mtp: bool = True,
@@ -160,9 +172,10 @@ def finish_forward(params, state, h, aux: dict, batch: dict, ctx: dict, c: Model
     h = rms_norm(h, params["final_norm"], c.rms_norm_eps, opts)
     n_mtp = c.num_nextn_predict_layers if mtp_layers is None else min(mtp_layers, c.num_nextn_predict_layers)
     if with_mtp and n_mtp and "mtp" in params:
-        aux["mtp_hidden"], aux["mtp_counts"], mtp_aux = mtp_forward(params, state, h, batch, ctx, c, opts,
-                                                                    dispatch, n_mtp)
+        aux["mtp_hidden"], aux["mtp_counts"], mtp_aux, dstats = mtp_forward(params, state, h, batch, ctx, c, opts,
+                                                                            dispatch, n_mtp)
         aux["aux_loss"] = aux["aux_loss"] + mtp_aux
+        aux.update({k: aux.get(k, 0) + v for k, v in dstats.items()})
     return h, aux
 
 

@@ -14,7 +14,13 @@ from jaxmoe.config import ModelConfig
 
 
 def route(x, router_w, bias, c: ModelConfig):
-    """x [N, H] -> (topk_idx [N, k] int32, topk_w [N, k] f32, scores [N, E] f32)."""
+    """x [N, H] -> (topk_idx [N, k] int32, topk_w [N, k] f32, scores [N, E] f32). Megatron's first MoE phase,
+    named "moe/route" (moe/ep.py names the others)."""
+    with jax.named_scope("moe/route"):
+        return _route(x, router_w, bias, c)
+
+
+def _route(x, router_w, bias, c: ModelConfig):
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
     scores = jax.nn.sigmoid(logits)

@@ -32,7 +32,8 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import MeshError
 from jaxmoe.model.options import ModelOptions
-from jaxmoe.model.transformer import ACT, decoder_layer, embed_tokens, finish_forward, make_context, remat_layer as _remat, run_stack
+from jaxmoe.model.transformer import (ACT, decoder_layer, dispatch_totals, embed_tokens, finish_forward, make_context,
+                                     remat_layer, run_stack)
 
 MICRO_ACT = (None,) + ACT  # [M, B, T, H]: micro-batch dim replicated over stages
 
@@ -132,6 +133,55 @@ def _pad_micro(tree, Mp: int):
     return jax.tree.map(lambda a: jnp.pad(a, [(0, Mp - M)] + [(0, 0)] * (a.ndim - 1)), tree)
 
 
+def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, layout: PipelineLayout, dispatch,
+                adapt):
+    """The GPipe loop: M + S - 1 iterations, each running every stage (vmapped over `stage`) on its micro-batch
+    and handing its output to the next stage. x [M, B, T, H]: the embedded micro-batches. Returns (the last
+    stage's outputs [M, B, T, H], router counts [S, slots, E], summed aux statistics)."""
+    S, M = layout.stages, mbs["input_ids"].shape[0]
+    valid = jnp.asarray(layout.valid())
+    biases = layout.to_stages(bias)
+    layer_ids = layout.to_stages(jnp.arange(c.num_moe_layers))
+
+    @jax.checkpoint  # keep only the stage input per iteration (GPipe with full stage recomputation)
+    def stage_fn(stack, bias, ok, ids, h, mb, m):
+        stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
+        ctx = make_context(mb, c)
+
+        def body(carry, xs):
+            p, b, live = xs
+            out, st = decoder_layer(p, carry, b, ctx, c, opts, dispatch)
+            return jnp.where(live, out, carry), st
+
+        return jax.lax.scan(remat_layer(body, opts), h, (stack, bias, ok))
+
+    fields = {k: mbs[k] for k in ("positions", "segment_ids", "token_index") if k in mbs}
+    stage_ids = jnp.arange(S)
+
+    def iteration(carry, i):
+        prev, outs, counts, aux = carry
+        m = i - stage_ids  # the micro-batch each stage works on
+        live = (m >= 0) & (m < M)
+        mb = jax.tree.map(lambda a: a[jnp.clip(m, 0, M - 1)], fields)
+        mb["segment_ids"] = jnp.where(live[:, None, None], mb["segment_ids"], 0)  # bubble: padding tokens
+        first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=True)
+        h = jnp.where((stage_ids == 0)[:, None, None, None], first, jnp.roll(prev, 1, axis=0))
+        out, st = jax.vmap(stage_fn, spmd_axis_name="stage")(stacks, biases, valid, layer_ids, h, mb, m)
+        outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(i - (S - 1), 0), 0)
+        keep = valid & live[:, None]
+        counts = counts + jnp.where(keep[..., None], st["counts"], 0)
+        aux = jax.tree.map(jnp.add, aux, {"aux_loss": jnp.sum(jnp.where(keep, st["aux_loss"], 0.0)),
+                                          **dispatch_totals(st, keep)})
+        return (out, outs, counts, aux), None
+
+    h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
+    aux0 = {"aux_loss": jnp.zeros((), jnp.float32),
+            **{f"moe_{k}": jnp.zeros((), jnp.int32) for k in getattr(dispatch, "stats", ())}}
+    carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, bias.shape[-1]), jnp.float32), aux0)
+    (_, outs, counts, aux), _ = jax.lax.scan(iteration, carry, jnp.arange(M + S - 1))
+    return outs, counts, aux
+
+
 def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptions, layout: PipelineLayout,
                   dispatch=None, adapt=None):
     """Sum over the M micro-batches mbs ([M, B, T] fields) of train.loss.micro_loss, computed by the pipeline.
@@ -161,44 +211,8 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     # every stage reads micro-batch i at iteration i
     x = opts.sharding.constrain(_over_stages(pre, (padded, micro_ids), S, rest), MICRO_ACT)
 
-    valid = jnp.asarray(layout.valid())
-    biases = layout.to_stages(state["moe_bias"])
-    layer_ids = layout.to_stages(jnp.arange(c.num_moe_layers))
-
-    @jax.checkpoint  # keep only the stage input per iteration (GPipe with full stage recomputation)
-    def stage_fn(stack, bias, ok, ids, h, mb, m):
-        stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
-        ctx = make_context(mb, c)
-
-        def body(carry, xs):
-            p, b, live = xs
-            out, st = decoder_layer(p, carry, b, ctx, c, opts, dispatch)
-            return jnp.where(live, out, carry), st
-
-        return jax.lax.scan(_remat(body, opts), h, (stack, bias, ok))
-
-    fields = {k: mbs[k] for k in ("positions", "segment_ids", "token_index") if k in mbs}
-    stage_ids = jnp.arange(S)
-
-    def iteration(carry, i):
-        prev, outs, counts, aux = carry
-        m = i - stage_ids  # the micro-batch each stage works on
-        live = (m >= 0) & (m < M)
-        mb = jax.tree.map(lambda a: a[jnp.clip(m, 0, M - 1)], fields)
-        mb["segment_ids"] = jnp.where(live[:, None, None], mb["segment_ids"], 0)  # bubble: padding tokens
-        first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=True)
-        h = jnp.where((stage_ids == 0)[:, None, None, None], first, jnp.roll(prev, 1, axis=0))
-        out, st = jax.vmap(stage_fn, spmd_axis_name="stage")(params["moe"], biases, valid, layer_ids, h, mb, m)
-        outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(i - (S - 1), 0), 0)
-        keep = valid & live[:, None]
-        counts = counts + jnp.where(keep[..., None], st["counts"], 0)
-        aux = aux + jnp.sum(jnp.where(keep, st["aux_loss"], 0.0))
-        return (out, outs, counts, aux), None
-
-    E = state["moe_bias"].shape[-1]
-    h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
-    carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, E), jnp.float32), jnp.zeros((), jnp.float32))
-    (_, outs, counts, aux), _ = jax.lax.scan(iteration, carry, jnp.arange(M + S - 1))
+    with jax.named_scope("pipeline/stages"):
+        outs, counts, aux = _run_stages(params["moe"], state["moe_bias"], x, mbs, c, opts, layout, dispatch, adapt)
     outs = opts.sharding.constrain(outs, MICRO_ACT)
 
     def post(p, args):  # final norm, head, loss and MTP of one micro-batch
@@ -211,6 +225,6 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
 
     obj, stats = _over_stages(post, (outs, padded, micro_ids), S, rest)
     stats = jax.tree.map(lambda a: a.sum(0), stats)
-    stats["aux_loss"] = stats["aux_loss"] + aux
+    stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)
     return obj.sum(), stats

@@ -161,7 +161,9 @@ def build_parallel(t, c: ModelConfig, devices=None) -> Parallel:
     if spec.size > 1 and (c.num_moe_layers or c.num_nextn_predict_layers):
         dispatch = make_ep_dispatch(mesh, getattr(t, "moe_transport", "auto"),
                                     getattr(t, "moe_expert_capacity_factor", None),
-                                    getattr(t, "moe_token_drop_policy", "probs"), spec.ep_axes, spec.etp)
+                                    getattr(t, "moe_token_drop_policy", "probs"), spec.ep_axes, spec.etp,
+                                    getattr(t, "moe_dispatch_buffer_factor", None),
+                                    getattr(t, "moe_pad_expert_input_to_capacity", False))
     staged = None
     if pipeline is not None and "moe" in pspecs:
         staged = jax.tree.map(lambda p: NamedSharding(mesh, P("stage", *p)), pspecs["moe"], is_leaf=is_p)

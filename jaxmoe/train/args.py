@@ -112,10 +112,24 @@ class TrainConfig:
     moe_transport: str = _f("auto", "Expert-parallel token exchange: auto (ragged on GPU, all_to_all on CPU), "
                                     "all_to_all (padded buffers), ragged (jax.lax.ragged_all_to_all, GPU only).",
                             choices=("auto", "all_to_all", "ragged"))
-    moe_expert_capacity_factor: float | None = _f(None, "Per-expert capacity factor; tokens over capacity are "
-                                                        "dropped (default: dropless).")
+    moe_expert_capacity_factor: float | None = _f(None, "Per-expert capacity factor (Megatron flag): each expert "
+                                                        "keeps at most ceil(tokens * topk / experts * factor) "
+                                                        "token copies per device; the rest are dropped and counted "
+                                                        "(`dropped token copies` on the log line). Default: "
+                                                        "dropless.")
+    moe_pad_expert_input_to_capacity: bool = _f(False, "With --moe_expert_capacity_factor (Megatron flag): every "
+                                                       "expert's input is padded to its capacity, so the expert "
+                                                       "exchange moves whole fixed-size buffers (the all_to_all "
+                                                       "transport) instead of only the real rows (ragged).")
     moe_token_drop_policy: str = _f("probs", "With a capacity factor: drop the lowest-probability copies "
                                              "(probs) or the last ones (position).", choices=("probs", "position"))
+    moe_dispatch_buffer_factor: float | None = _f(
+        None, "Dropless expert parallelism: each device's send buffer per expert-parallel peer holds "
+              "ceil(F * tokens * topk / ep) token copies instead of the worst case tokens * topk (ep times the "
+              "balanced load). A step in which some device routes more copies to one peer is not applied; the "
+              "trainer re-runs it with worst-case buffers (compiled once, with a warning) and logs the overflow. "
+              "Default: the worst case (as F >= ep). Ignored with --moe_expert_capacity_factor. docs/performance.md "
+              "has memory numbers (GLM-4.5-Air LoRA, ep=8: F=2 saves 19 GiB per GPU).")
     dtype: str = _f("bfloat16", "Compute dtype (master weights and optimizer state are fp32).",
                     choices=("bfloat16", "float32"))
     kernels: str = _f("auto", "auto | pallas | reference, or per op: attention=pallas,gmm=reference,...")
@@ -189,6 +203,11 @@ class TrainConfig:
             bad("adapter_load", "needs --train_type lora")
         if self.adapter_load and not os.path.isdir(self.adapter_load):
             bad("adapter_load", f"{self.adapter_load!r} is not a directory (a jaxmoe LoRA checkpoint dir)")
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            bad("moe_pad_expert_input_to_capacity", "pads to the capacity of --moe_expert_capacity_factor; set one")
+        for flag in ("moe_expert_capacity_factor", "moe_dispatch_buffer_factor"):
+            if getattr(self, flag) is not None and not getattr(self, flag) > 0:
+                bad(flag, f"must be a positive number, got {getattr(self, flag)}")
         bad_mods = set(self.recompute_modules) - {"core_attn", "moe_out", "mlp"}
         if bad_mods:
             bad("recompute_modules", f"unknown {sorted(bad_mods)}; choose from core_attn, moe_out, mlp")

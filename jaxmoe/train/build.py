@@ -124,5 +124,8 @@ def build_step(t: TrainConfig, c: ModelConfig, par, train_iters: int, ptrain=Non
     bias_rate = t.moe_router_bias_update_rate if t.train_type == "full" else 0.0  # frozen under LoRA
     sc = StepConfig(lo, optimizer, schedule, num_micro, t.clip_grad, bias_rate)
     step_fn = make_train_step(c, opts, sc, hooks)
+    # evaluation has no re-run on overflow (train/loop.py): worst-case expert-parallel buffers (no backward)
+    if getattr(par.dispatch, "bounded", False):
+        hooks = dataclasses.replace(hooks, dispatch=par.dispatch.worst_case())
     eval_fn = make_eval_step(c, opts, hooks, num_micro)
     return BuiltStep(t, c, par, opts, lo, optimizer, schedule, num_micro, ptrain, step_fn, eval_fn)

@@ -27,6 +27,8 @@ LOSS_KEYS = {"lm_loss": ("lm loss", "lm loss"), "mtp_loss": ("mtp loss", "mtp_1 
 TB_TAGS = {"lr": "learning-rate", "global_batch_size": "batch-size", "loss_scale": "loss-scale",
            "grad_norm": "grad-norm", "tokens": "loss-tokens", "tokens_per_sec": "tokens-per-second",
            "skipped_iters": "skipped-iterations", "nan_iters": "nan-iterations", "num_devices": "world-size"}
+# Token-copy counts of the expert-parallel dispatch (moe/ep.py), summed over the interval on the text line.
+COUNT_KEYS = {"moe_dropped": "dropped token copies", "moe_overflow": "EP buffer overflow copies (steps re-run)"}
 METRICS_FILE = "metrics.jsonl"
 TB_FLUSH_SECS = 10  # tensorboardX writes from a background thread: events reach the file within this time
 _TB_WRITERS = itertools.count()
@@ -234,6 +236,7 @@ class TrainLogger:
         self._counts: dict[str, int] = {}
         self._skipped = self._nan = 0
         self._load_sum = None
+        self._copies: dict[str, int] = {}
 
     # -- training steps ----------------------------------------------------------------------------
     def log_train(self, iteration: int, metrics: dict) -> None:
@@ -267,6 +270,9 @@ class TrainLogger:
             for k, v in scalars.items():
                 self._sums[k] = self._sums.get(k, 0.0) + v
                 self._counts[k] = self._counts.get(k, 0) + 1
+        for k in COUNT_KEYS:
+            if m.get(k) is not None:
+                self._copies[k] = self._copies.get(k, 0) + int(m[k])
         ratios = None
         if m.get("expert_load") is not None:
             load = np.asarray(m["expert_load"], dtype=np.float64)
@@ -309,6 +315,9 @@ class TrainLogger:
             ratios = expert_load_ratios(self._load_sum)
             if ratios is not None:
                 line += f" expert load max/mean: {ratios[0]:.2f} | expert load min/mean: {ratios[1]:.2f} |"
+        for key, label in COUNT_KEYS.items():
+            if key in self._copies:
+                line += f" {label}: {self._copies[key]} |"
         return line
 
     def _write_tb(self, iteration: int, m: dict, losses: dict[str, float], ratios) -> None:

@@ -202,6 +202,31 @@ def evaluate(eval_fn, ts, valid, iters: int, put, frozen=None) -> float:
     return nll / max(tok, 1.0)
 
 
+def overflow_guarded(built, train_iters: int, log):
+    """built.step, or with a bounded dropless expert-parallel buffer (--moe_dispatch_buffer_factor) a step that
+    re-runs every step whose buffer overflowed (it left the train state unchanged, train/step.py) with
+    worst-case buffers, compiled on the first overflow. The overflow count is read on the host after each step."""
+    if not getattr(built.par.dispatch, "bounded", False):
+        return built.step
+    fallback = []
+
+    def step(ts, batch, frozen=None):
+        ts, m = built.step(ts, batch, frozen)
+        over = int(m["moe_overflow"])
+        if not over:
+            return ts, m
+        if not fallback:
+            log(f"warning: {over} token copies overflowed the expert-parallel buffers (--moe_dispatch_buffer_factor "
+                f"{built.t.moe_dispatch_buffer_factor}); such steps re-run with worst-case buffers (compiling them "
+                "now); raise --moe_dispatch_buffer_factor if this repeats")
+            par = dataclasses.replace(built.par, dispatch=built.par.dispatch.worst_case())
+            fallback.append(build_step(built.t, built.c, par, train_iters, built.ptrain).step)
+        ts, m = fallback[0](ts, batch, frozen)
+        return ts, {**m, "moe_overflow": over}
+
+    return step
+
+
 def run(t: TrainConfig, stream=None) -> dict[str, Any]:
     """Run the job described by `t`; returns the last logged metrics (for tests and scripts)."""
     t.validate()
@@ -378,11 +403,12 @@ def train_loop(job: Job, st: LoopState) -> dict[str, Any]:
     Returns the last logged metrics (plus valid_loss after an evaluation)."""
     t, b, logger = job.built.t, job.built, job.logger
     metrics = MetricsLog(t, logger)
+    step = overflow_guarded(b, job.train_iters, logger.info)
     signalled = job.stop.requested()
     if signalled:
         logger.info(f"> received {job.stop.name} before the first step: nothing trained, nothing saved")
     while st.iteration < job.train_iters and not signalled:
-        st.ts, m = b.step(st.ts, b.par.put_batch(next(job.train)), st.frozen)
+        st.ts, m = step(st.ts, b.par.put_batch(next(job.train)), st.frozen)
         st.iteration, st.consumed = st.iteration + 1, st.consumed + t.global_batch_size
         if job.ckpt is not None:
             job.ckpt.check()

@@ -53,8 +53,7 @@ def loss_terms(params, h, aux: dict, mb: dict, lo: LossOptions, opts: ModelOptio
     mask = mb["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(token_nll(params, h, mb["labels"], opts) * mask)
     stats = {"nll_sum": nll, "aux_loss": aux["aux_loss"]}
-    if "moe_counts" in aux:
-        stats["moe_counts"] = aux["moe_counts"]
+    stats.update({k: v for k, v in aux.items() if k.startswith("moe_")})  # router counts, EP dispatch counts
     obj = nll
     if lo.mtp_layers and "mtp_hidden" in aux:
         labels, m = mb["labels"], mask

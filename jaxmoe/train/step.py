@@ -202,6 +202,8 @@ def apply_update(ts, grads, stats, n_tok, sc: StepConfig):
         "skipped_iters": ts["skipped_iters"] + (~finite).astype(jnp.int32),
         "nan_in_a_row": jnp.where(finite, 0, ts["nan_in_a_row"] + 1),
     }
+    if "moe_overflow" in stats:  # a bounded EP buffer overflowed: state unchanged, the trainer re-runs the step
+        new_ts = jax.tree.map(lambda a, b: jnp.where(stats["moe_overflow"] > 0, b, a), new_ts, ts)
     metrics = {
         "lm_loss": lm_loss, "grad_norm": gnorm, "lr": sc.schedule(ts["updates"]), "tokens": n_tok,
         "aux_loss": stats["aux_loss"] / sc.num_micro, "finite": finite,
@@ -209,6 +211,7 @@ def apply_update(ts, grads, stats, n_tok, sc: StepConfig):
     }
     if "moe_counts" in stats:
         metrics["expert_load"] = stats["moe_counts"]
+    metrics.update({k: stats[k] for k in ("moe_dropped", "moe_overflow") if k in stats})  # EP token copies
     if "mtp_nll_sum" in stats:
         metrics["mtp_loss"] = stats["mtp_nll_sum"] / jnp.maximum(stats["mtp_tokens"], 1.0)
     return new_ts, metrics
@@ -221,7 +224,7 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, sc: StepConfig, hooks: S
     pipe = hooks.par.pipeline if hooks.par is not None else None
 
     def step(ts, batch, frozen=None):
-        with jax.named_scope("step/gradients"):
+        with jax.named_scope("gradients"):
             params = hooks.compute_params(ts["params"], opts.dtype) if hooks.compute_params else ts["params"]
             n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
             iteration = ts["updates"] + ts["skipped_iters"]
@@ -230,7 +233,7 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, sc: StepConfig, hooks: S
                 grads = {**grads, "moe": jax.tree.map(pipe.from_stages, grads["moe"])}
             if hooks.grad_transform is not None:
                 grads = hooks.grad_transform(grads)
-        with jax.named_scope("step/optimizer"):
+        with jax.named_scope("optimizer"):
             return apply_update(ts, grads, stats, n_tok, sc)
 
     return step
