@@ -339,7 +339,7 @@ def _mesh_axes(sharding) -> set[str]:
 
 
 def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=None,
-                     compute_bytes: int = 2) -> dict[str, float]:
+                     compute_bytes: int = 2, recompute: bool = False) -> dict[str, float]:
     """Analytic payload bytes per device of one step's collectives (see docs/performance.md):
       grad_reduce:  the gradient of every weight replicated over a token-splitting axis (data, expert, sequence)
                     summed over that axis, once per step (summing commutes with micro-batch accumulation, as
@@ -359,6 +359,8 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
     Under pp a device holds and runs its stage's layers only (1/pp of the layer stack's weights, gradients
     and per-layer traffic); the rest (embedding, head, dense layers) is replicated over the stages, which
     share its micro-batches, so its gradient is summed over `stage` too.
+    `recompute` (--recompute_granularity full): the backward pass recomputes each layer's forward once, so
+    the tensor and expert traffic of the forward happens twice (6 passes instead of 4), in Megatron too.
     `total` (the minimum) leaves out grad_reduce_per_micro. tokens_per_micro: rows x length of one micro-batch
     of one data rank; TP activations are per sequence shard (tokens / cp), MoE tokens are split over tensor and
     sequence too (tokens / (tp cp))."""
@@ -386,13 +388,14 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
         out["pipeline"] = (2.0 * (num_micro + S - 1) + 4.0 * num_micro * (S - 1) / S) * hidden_bytes
     if c is not None:
         layers = (c.num_hidden_layers + c.num_nextn_predict_layers) / S
+        passes = 6.0 if recompute else 4.0
         if spec.tensor > 1:
-            out["tensor"] = 4.0 * layers * tokens_per_micro // spec.sequence * hidden * compute_bytes * num_micro
+            out["tensor"] = passes * layers * tokens_per_micro // spec.sequence * hidden * compute_bytes * num_micro
         ep = spec.ep_size  # the expert-parallel group, folded tensor / sequence ranks included
         if ep > 1:
             moe_layers = (c.num_moe_layers + c.num_nextn_predict_layers) / S
             copies = tokens_per_micro // (spec.tensor * spec.sequence) * c.num_experts_per_tok
-            out["expert"] = 4.0 * moe_layers * copies * hidden * compute_bytes * num_micro * (ep - 1) / ep
+            out["expert"] = passes * moe_layers * copies * hidden * compute_bytes * num_micro * (ep - 1) / ep
     out["total"] = sum(out.values())
     out["grad_reduce_per_micro"] = float(reduce_all * num_micro)
     return out

@@ -143,7 +143,6 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
     biases = layout.to_stages(bias)
     layer_ids = layout.to_stages(jnp.arange(c.num_moe_layers))
 
-    @jax.checkpoint  # keep only the stage input per iteration (GPipe with full stage recomputation)
     def stage_fn(stack, bias, ok, ids, h, mb, m):
         stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
         ctx = make_context(mb, c)
@@ -174,6 +173,8 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
                                           **dispatch_totals(st, keep)})
         return (out, outs, counts, aux), None
 
+    if opts.remat != "full":  # keep only the stage input per iteration (GPipe with full stage recomputation);
+        stage_fn = jax.checkpoint(stage_fn)  # under full recompute each layer keeps its input already (Megatron's)
     h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
     aux0 = {"aux_loss": jnp.zeros((), jnp.float32),
             **{f"moe_{k}": jnp.zeros((), jnp.int32) for k in getattr(dispatch, "stats", ())}}
