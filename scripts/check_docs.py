@@ -12,6 +12,7 @@ before its fence, naming one of REASONS, e.g. `<!-- not-run: gpu -->`; it is lis
     .venv/bin/python scripts/check_docs.py                    # all blocks (about 40 minutes on 2 CPU cores)
     .venv/bin/python scripts/check_docs.py --list             # the blocks and their marks; nothing runs
     .venv/bin/python scripts/check_docs.py --only docs/data.md --keep   # one file's blocks; keep the copy
+    .venv/bin/python scripts/check_docs.py --reuse /tmp/jaxmoe-docs-XXXX --only docs/lora.md:83   # rerun one
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ REASONS = {
     "cluster": "needs several hosts (SLURM or a second machine)",
     "external": "needs a tool outside this repo (ms-swift)",
     "install": "installs packages (network); this check runs in the venv it was started from",
-    "suite": "the whole test suite (about 40 minutes; CI runs it)",
+    "suite": "the whole test suite, or this check itself (about 40 minutes each)",
     "template": "a template: `...` stands for your own flags",
 }
 FENCE = re.compile(r"^```(\S*)\s*$")
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "depend on (e.g. README's training run) must be included")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per block (default 1800)")
     p.add_argument("--keep", action="store_true", help="keep the repo copy (its path is printed)")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="run in the copy a --keep run left (DIR/repo), with what its blocks made, e.g. to rerun "
+                        "a failed block with --only")
     return p
 
 
@@ -172,11 +176,15 @@ def main(argv=None) -> int:
         for b in blocks:
             print(f"{b.where:<28} {'skip: ' + b.skip if b.skip else 'run'}")
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="jaxmoe-docs-"))
+    tmp = Path(a.reuse) if a.reuse else Path(tempfile.mkdtemp(prefix="jaxmoe-docs-"))
     repo, logs = tmp / "repo", tmp / "logs"
-    repo.mkdir()
-    logs.mkdir()
-    fresh_copy(repo)
+    if not a.reuse:
+        repo.mkdir()
+        logs.mkdir()
+        fresh_copy(repo)
+    elif not repo.is_dir():
+        print(f"error: --reuse {a.reuse}: no repo/ there; pass the directory a --keep run printed", file=sys.stderr)
+        return 2
     print(f"repo copy: {repo}; logs: {logs}", flush=True)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     for b in blocks:
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
         counts["passed" if ok else "failed"] += 1
         print(f"{'PASS' if ok else 'FAIL'} {b.where} ({dt:.0f} s)" + ("" if ok else f"\n{detail}"), flush=True)
     print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    if not a.keep:
+    if not (a.keep or a.reuse):
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if counts["failed"] else 0
 
