@@ -9,7 +9,7 @@ a later block may use what an earlier one made (README's training run makes runs
 A block that cannot run on a CPU-only machine from a fresh clone is marked by an HTML comment on the line
 before its fence, naming one of REASONS, e.g. `<!-- not-run: gpu -->`; it is listed as skipped.
 
-    .venv/bin/python scripts/check_docs.py                    # all blocks (about 40 minutes on 2 CPU cores)
+    .venv/bin/python scripts/check_docs.py                    # all blocks (53 minutes on 2 busy CPU cores)
     .venv/bin/python scripts/check_docs.py --list             # the blocks and their marks; nothing runs
     .venv/bin/python scripts/check_docs.py --only docs/data.md --keep   # one file's blocks; keep the copy
     .venv/bin/python scripts/check_docs.py --reuse /tmp/jaxmoe-docs-XXXX --only docs/lora.md:83   # rerun one
@@ -38,7 +38,7 @@ REASONS = {
     "cluster": "needs several hosts (SLURM or a second machine)",
     "external": "needs a tool outside this repo (ms-swift)",
     "install": "installs packages (network); this check runs in the venv it was started from",
-    "suite": "the whole test suite, or this check itself (about 40 minutes each)",
+    "suite": "the whole test suite, or this check itself (40-55 minutes each)",
     "template": "a template: `...` stands for your own flags",
 }
 FENCE = re.compile(r"^```(\S*)\s*$")
