@@ -128,8 +128,7 @@ class StopSignal:
         if jax.process_count() == 1:
             return self.signum is not None
         # Every process calls this after each step: gather the flags (a few bytes, as Megatron's all_gather of
-        # its signal flags each iteration), so all stop after the same step when any one was signalled. Like
-        # Megatron's, the gather waits for the step just dispatched.
+        # its signal flags each iteration), so all stop after the same step when any one was signalled.
         flags = multihost_utils.process_allgather(np.int32(self.signum is not None))
         return bool(np.any(flags))
 
