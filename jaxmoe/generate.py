@@ -192,7 +192,7 @@ def generate_ids(params, state, cfg: ModelConfig, prompt_ids: Sequence[Sequence[
 
 def chat_prompt(user: str, system: str | None = None) -> str:
     """GLM-4.5 prompt for one user turn plus the generation prompt `<|assistant|>\\n`:
-    `[gMASK]<sop>[<|system|>\\n{system}]<|user|>\\n{user}<|assistant|>\\n` (REFERENCE.md section 1; the
+    `[gMASK]<sop>[<|system|>\\n{system}]<|user|>\\n{user}<|assistant|>\\n` (GLM-4.5's chat_template.jinja; the
     same pieces jaxmoe.data.template renders for training, without the assistant answer)."""
     from jaxmoe.data import template  # lazy: only the chat path needs it
 

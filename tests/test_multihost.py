@@ -35,8 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_env(devices: int, cache_dir: str | None = None) -> dict:
+def cli_env(devices: int, cache_dir: str | None = None, shared_cache: bool = True) -> dict:
+    """`shared_cache` False (the processes of one multi-process job): no persistent compilation cache, so that
+    no process loads the step from disk while its peer still compiles it past the gloo setup deadline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _MULTIHOST_ENV}
+    if not shared_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
     if cache_dir:  # the runs of one test compile the same programs: later runs load them from disk
@@ -46,7 +51,8 @@ def cli_env(devices: int, cache_dir: str | None = None) -> dict:
 
 
 def start_train(args: list[str], devices: int, cache_dir: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jaxmoe.train", *args], cwd=ROOT, env=cli_env(devices, cache_dir),
+    env = cli_env(devices, cache_dir, shared_cache="--coordinator_address" not in args)
+    return subprocess.Popen([sys.executable, "-m", "jaxmoe.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -142,6 +148,72 @@ def test_bad_flag_fails_on_every_process(micro_model):
         rc, out, err = finish(p, timeout=300)
         assert rc == 2, (rc, out[-2000:], err[-3000:])
         assert f"[process {i}/2] error: --mesh 'tp=3'" in err, err[-3000:]
+
+
+_STOP_PROBE = """
+import os, signal, sys
+from jaxmoe.distributed import maybe_initialize
+from jaxmoe.train.args import TrainConfig
+from jaxmoe.train.loop import StopSignal
+maybe_initialize(TrainConfig(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])))
+stop = StopSignal(True)
+before = stop.requested()
+if sys.argv[2] == "1":
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it; the check after the step agrees on it
+print(before, stop.requested(), stop.name)
+"""
+
+
+def test_a_signal_on_one_process_stops_every_process():
+    # SIGTERM reaches one process (a preempted node): both must stop after the same step, or the other one
+    # would wait forever in the next step's collectives.
+    address = f"127.0.0.1:{free_port()}"
+    env = cli_env(1, shared_cache=False)
+    procs = [subprocess.Popen([sys.executable, "-c", _STOP_PROBE, address, str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [finish(p, timeout=120) for p in procs]
+    assert [rc for rc, _, _ in outs] == [0, 0], [err[-2000:] for _, _, err in outs]
+    lines = [[line for line in out.splitlines() if not line.startswith("[Gloo]")][-1] for _, out, _ in outs]
+    assert lines == ["False True a stop signal on another process", "False True SIGTERM"]
+
+
+_MANIFEST_PROBE = """
+import os, sys
+from jax.experimental import multihost_utils
+from jaxmoe.distributed import maybe_initialize
+from jaxmoe.train import checkpoint
+from jaxmoe.train.args import TrainConfig
+maybe_initialize(TrainConfig(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])))
+step = sys.argv[3]
+checkpoint.write_manifest(step, int(sys.argv[2]), 2)  # each process: the CRC32s of its files i::2
+multihost_utils.sync_global_devices("written")
+print("intact:", checkpoint.verify_step(step)[0])
+multihost_utils.sync_global_devices("checked")
+if sys.argv[2] == "0":  # state/b is the second file: process 1's share, both when writing and when checking
+    with open(os.path.join(step, "state", "b"), "r+b") as f:
+        f.write(b"X")
+multihost_utils.sync_global_devices("damaged")
+print("damaged:", checkpoint.verify_step(step)[0])
+"""
+
+
+def test_checkpoint_manifest_is_shared_by_the_processes(tmp_path):
+    step = tmp_path / "7"
+    (step / "state").mkdir(parents=True)
+    for name in "abc":
+        (step / "state" / name).write_bytes(os.urandom(1000))
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _MANIFEST_PROBE, address, str(i), str(step)], cwd=ROOT,
+                              env=cli_env(1, shared_cache=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    outs = [finish(p, timeout=120) for p in procs]
+    assert [rc for rc, _, _ in outs] == [0, 0], [err[-2000:] for _, _, err in outs]
+    assert sorted(os.listdir(step)) == ["jaxmoe_manifest.1.json", "jaxmoe_manifest.json", "state"]
+    for _, out, _ in outs:  # process 0 found nothing in its own files and still reports process 1's finding
+        lines = [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+        assert lines[0] == "intact: None"
+        assert lines[1].startswith("damaged: state/b differs from what was saved (CRC32 of bytes 0-1000: ")
 
 
 # ---- where the start-up values come from ---------------------------------------------------------------

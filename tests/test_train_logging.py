@@ -16,7 +16,7 @@ import pytest
 
 from jaxmoe.train.logging import TrainLogger, expert_load_ratios
 
-# Megatron seed run line (REFERENCE.md section 2), one string.
+# A log line of the Megatron-SWIFT seed run as Megatron prints it, one string.
 SEED_LINE = (" iteration      100/    5000 | consumed samples:          800 | elapsed time per iteration (ms): 296.8 |"
              " learning rate: 3.937E-06 | global batch size:     8 | lm loss: 9.729805E+00 | loss scale: 131072.0 |"
              " grad norm: 5.703 | number of skipped iterations:  16 | number of nan iterations:   0 |")

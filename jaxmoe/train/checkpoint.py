@@ -8,6 +8,7 @@ is written into the step; restores check it and fall back to the newest intact s
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -17,12 +18,15 @@ import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxmoe.config import ConfigError, ModelConfig
 
 
-MANIFEST = "jaxmoe_manifest.json"  # per-file sizes + CRC32 of a step, written once orbax has committed it
+MANIFEST = "jaxmoe_manifest.json"  # per-file sizes + CRC32s of a step, written once orbax has committed it
+CRC_CHUNK = 64 << 20  # bytes per CRC32 in the manifest: the unit of parallel work when writing / verifying
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's unfinished-save directories (a run killed mid-save)
 
 
@@ -61,11 +65,10 @@ class Checkpointer:
     def wait(self) -> None:
         with self._failing(self._unsealed[-1] if self._unsealed else None):
             self.mgr.wait_until_finished()
-            if jax.process_index() == 0:
-                for step in self._unsealed:
-                    d = os.path.join(self.directory, str(step))
-                    if os.path.isdir(d):  # max_to_keep may have removed it already
-                        write_manifest(d)
+            for step in self._unsealed:
+                d = os.path.join(self.directory, str(step))
+                if os.path.isdir(d):  # max_to_keep may have removed it already
+                    write_manifest(d, jax.process_index(), jax.process_count())
         self._unsealed = []
 
     def check(self) -> None:
@@ -89,57 +92,112 @@ class Checkpointer:
         except Exception as e:
             self.failed = True
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            good = [s for s in complete_steps(self.directory) if s != step and verify_step(
-                os.path.join(self.directory, str(s)))[0] is None]
+            good = [s for s in complete_steps(self.directory) if s != step and verify_step(  # sizes: no collective
+                os.path.join(self.directory, str(s)), contents=False)[0] is None]
             keep = f"the last complete checkpoint is {self.directory}/{good[0]}" if good else "no complete checkpoint"
             raise SaveError(f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: {first}); "
                             f"training stopped; {keep}") from None
 
 
-def _crc32(path: str) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
+def _chunk_crcs(step_dir: str, files: list[str], chunk: int) -> dict[str, list[str]]:
+    """{file: [CRC32 of each `chunk` bytes]}: the chunks of all files go through a thread pool (zlib.crc32
+    releases the GIL, so the threads use every core and keep several reads in flight)."""
+    jobs = [(f, off) for f in files for off in range(0, max(os.path.getsize(os.path.join(step_dir, f)), 1), chunk)]
+
+    def crc(job):
+        c, left = 0, chunk
+        with open(os.path.join(step_dir, job[0]), "rb") as fh:
+            fh.seek(job[1])
+            while left > 0 and (b := fh.read(min(left, 8 << 20))):  # 8 MiB reads: bounded memory per thread
+                c, left = zlib.crc32(b, c), left - len(b)
+        return f"{c:08x}"
+
+    with concurrent.futures.ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
+        crcs = list(pool.map(crc, jobs))
+    out: dict[str, list[str]] = {f: [] for f in files}
+    for (f, _), c in zip(jobs, crcs):
+        out[f].append(c)
+    return out
 
 
 def _step_files(step_dir: str) -> list[str]:
     out = []
     for root, _, files in os.walk(step_dir):
         out += [os.path.relpath(os.path.join(root, f), step_dir) for f in files]
-    return sorted(f for f in out if f != MANIFEST)
+    return sorted(f for f in out if not f.startswith("jaxmoe_manifest"))
 
 
-def write_manifest(step_dir: str) -> None:
-    files = {f: [os.path.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
-             for f in _step_files(step_dir)}
-    dump_json(os.path.join(step_dir, MANIFEST), {"version": 1, "files": files})
+def _share_path(step_dir: str, process: int) -> str:
+    return os.path.join(step_dir, MANIFEST if process == 0 else f"jaxmoe_manifest.{process}.json")
 
 
-def verify_step(step_dir: str) -> tuple[str | None, bool]:
-    """-> (what is wrong with the step or None, whether its data-loader state is missing). A step without a
-    manifest (older jaxmoe, or killed between commit and manifest) passes unverified."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None, not os.path.isdir(os.path.join(step_dir, "data"))
-    try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-    except (ValueError, KeyError, OSError) as e:
-        return f"unreadable {MANIFEST}: {e}", False
+def write_manifest(step_dir: str, process: int = 0, processes: int = 1) -> None:
+    """Process i of n records the CRC32s of files i::n of the committed step (the listing is the same on every
+    process); process 0 also records every file's size, the cheap check that covers all files."""
+    files = _step_files(step_dir)
+    share = {"version": 2, "chunk_bytes": CRC_CHUNK, "crc32": _chunk_crcs(step_dir, files[process::processes],
+                                                                          CRC_CHUNK)}
+    if process == 0:
+        share["sizes"] = {f: os.path.getsize(os.path.join(step_dir, f)) for f in files}
+    dump_json(_share_path(step_dir, process), share)
+
+
+def _read_manifest(step_dir: str) -> tuple[dict, int, dict[str, list[str]]]:
+    """-> (sizes, chunk bytes, CRC32 lists of the shares present). A share missing (a process killed before it
+    wrote it) leaves its files' contents unverified; their sizes are still checked."""
+    with open(_share_path(step_dir, 0)) as f:
+        head = json.load(f)
+    if head.get("version") != 2:  # version 1 (one CRC over each whole file): its sizes are checked
+        return {k: v[0] for k, v in head["files"].items()}, CRC_CHUNK, {}
+    crcs = dict(head["crc32"])
+    for name in os.listdir(step_dir):
+        if name.startswith("jaxmoe_manifest.") and name != MANIFEST:
+            with open(os.path.join(step_dir, name)) as f:
+                crcs.update(json.load(f)["crc32"])
+    return head["sizes"], head["chunk_bytes"], crcs
+
+
+def _file_problem(step_dir: str, rel: str, size: int, crcs: list[str] | None, chunk: int) -> str | None:
+    f = os.path.join(step_dir, rel)
+    if not os.path.isfile(f):
+        return f"{rel} is missing"
+    if os.path.getsize(f) != size:
+        return f"{rel} has {os.path.getsize(f)} bytes, {size} when saved"
+    if crcs is not None:
+        now = _chunk_crcs(step_dir, [rel], chunk)[rel]
+        bad = [i for i, (a, b) in enumerate(zip(now, crcs)) if a != b]
+        if bad:
+            return (f"{rel} differs from what was saved (CRC32 of bytes {bad[0] * chunk}-"
+                    f"{min(size, (bad[0] + 1) * chunk)}: {now[bad[0]]} != {crcs[bad[0]]})")
+    return None
+
+
+def verify_step(step_dir: str, contents: bool = True) -> tuple[str | None, bool]:
+    """-> (what is wrong with the step or None, whether its data-loader state is missing). Sizes of all files
+    are checked; with `contents`, process i of n also reads files i::n for their CRC32s and the processes agree
+    on the first damaged file. A step without a manifest (older jaxmoe, or killed between commit and manifest)
+    passes unverified."""
     data_missing = not os.path.isdir(os.path.join(step_dir, "data"))
-    for rel, (size, crc) in files.items():
-        f = os.path.join(step_dir, rel)
-        if data_missing and rel.startswith("data" + os.sep):
-            continue
-        if not os.path.isfile(f):
-            return f"{rel} is missing", data_missing
-        if os.path.getsize(f) != size:
-            return f"{rel} has {os.path.getsize(f)} bytes, {size} when saved", data_missing
-        if _crc32(f) != crc:
-            return f"{rel} differs from what was saved (CRC32 {_crc32(f)} != {crc})", data_missing
-    return None, data_missing
+    if not os.path.isfile(_share_path(step_dir, 0)):
+        return None, data_missing
+    try:
+        sizes, chunk, crcs = _read_manifest(step_dir)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"unreadable {MANIFEST}: {e}", data_missing
+    files = sorted(f for f in sizes if not (data_missing and f.startswith("data" + os.sep)))
+    first_bad = next((i for i, f in enumerate(files) if _file_problem(step_dir, f, sizes[f], None, chunk)), None)
+    if first_bad is None and contents:
+        n, i = jax.process_count(), jax.process_index()
+        mine = [k for k in range(i, len(files), n) if files[k] in crcs]
+        now = _chunk_crcs(step_dir, [files[k] for k in mine], chunk)
+        first_bad = next((k for k in mine if now[files[k]] != crcs[files[k]]), None)
+        if n > 1:  # the same answer on every process: the first damaged file any of them found
+            found = multihost_utils.process_allgather(np.int32(len(files) if first_bad is None else first_bad))
+            first_bad = None if int(np.min(found)) == len(files) else int(np.min(found))
+    if first_bad is None:
+        return None, data_missing
+    f = files[first_bad]
+    return _file_problem(step_dir, f, sizes[f], crcs.get(f) if contents else None, chunk), data_missing
 
 
 def complete_steps(directory: str) -> list[int]:

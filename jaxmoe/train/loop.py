@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxmoe.config import ConfigError, ModelConfig, load_model_config
 from jaxmoe.convert.hf_checkpoint import TOKENIZER_FILES, read_pretrained
@@ -93,17 +94,7 @@ def prepare_save_dir(t: TrainConfig, resume_dir: str | None, resume_step: int | 
             shutil.rmtree(os.path.join(t.save, str(step)))
         log(f"> --overwrite: deleted checkpoints {', '.join(map(str, steps))} of the earlier run in {t.save}")
     if jax.process_count() > 1:  # every process sees the directory as process 0 left it
-        _coordinator().wait_at_barrier("jaxmoe_prepare_save_dir", _BARRIER_MS)
-
-
-_BARRIER_MS = 30 * 60 * 1000  # processes reach a barrier together (same steps); a first compile may lie between
-
-
-def _coordinator():
-    """jax.distributed's coordination service client: barriers and a key-value store that open no device
-    collectives (no extra gloo / NCCL communicators, nothing on the accelerators)."""
-    from jax._src.distributed import global_state
-    return global_state.client
+        multihost_utils.sync_global_devices("jaxmoe_prepare_save_dir")
 
 
 def write_run_files(t: TrainConfig, c: ModelConfig, hf_dir: str | None, log) -> None:
@@ -130,7 +121,6 @@ class StopSignal:
     def __init__(self, enabled: bool):
         self.signum: int | None = None
         self._old = {}
-        self._checks = 0  # requested() runs equally often on every process: its calls name the barriers
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -142,12 +132,11 @@ class StopSignal:
     def requested(self) -> bool:
         if jax.process_count() == 1:
             return self.signum is not None
-        client, self._checks = _coordinator(), self._checks + 1
-        key = f"jaxmoe_stop/{self._checks}"
-        if self.signum is not None:
-            client.key_value_set(f"{key}/{jax.process_index()}", signal.Signals(self.signum).name)
-        client.wait_at_barrier(f"jaxmoe_stop_{self._checks}", _BARRIER_MS)  # every flag of this check is set
-        return bool(client.key_value_dir_get(key))
+        # Every process calls this after each step: gather the flags (a few bytes, as Megatron's all_gather of
+        # its signal flags each iteration), so all stop after the same step when any one was signalled. Like
+        # Megatron's, the gather waits for the step just dispatched.
+        flags = multihost_utils.process_allgather(np.int32(self.signum is not None))
+        return bool(np.any(flags))
 
     @property
     def name(self) -> str:
