@@ -15,7 +15,9 @@ Nothing is computed twice and no stage holds more than its share of the head's F
 
 Memory: each iteration's stage call is rematerialised (only its input hidden state is kept for the backward
 pass), so per-stage activation memory is M + S - 1 hidden states of one micro-batch plus one stage's working
-set, which is what the GPipe schedule needs (docs/performance.md).
+set, which is what the GPipe schedule needs (docs/performance.md). Under --recompute_granularity full the
+layers themselves keep only their inputs, so the stage call is not rematerialised on top (that would run every
+forward a third time): M + S - 1 hidden states per layer slot instead.
 
 Differentiation is with respect to fp32 copies of the staged weights, cast to the compute dtype inside each
 stage call, so the gradient summed over the M micro-batches by the scan's transpose is accumulated in fp32
