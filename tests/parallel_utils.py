@@ -7,10 +7,10 @@ import numpy as np
 
 from jaxmoe.model.params import init_params, init_state
 from jaxmoe.parallel.setup import build_parallel
-from jaxmoe.train.build import model_options
+from jaxmoe.train.build import build_step, model_options
+from jaxmoe.train.loop import initial_state as initial_state_of
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.build import build_step
 from jaxmoe.train.step import StepConfig, StepHooks, init_train_state, make_train_step
 from tests.train_utils import MICRO, packed_rows, train_config
 
@@ -50,18 +50,8 @@ def run_built(mesh: str, n_devices: int, c=MICRO, rows=None, **kw):
     t = train_config(**{**args, **kw})
     par = build_parallel(t, c, jax.devices()[:n_devices])
     built = build_step(t, c, par, 10)
-    if built.ptrain is None:
-        params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
-    else:
-        params = jax.jit(lambda k: init_params(c, k, t.dtype), out_shardings=par.param_shardings)(jax.random.key(1))
-    mstate = jax.device_put(init_state(c), par.replicated)
-    if built.ptrain is None:
-        ts, frozen = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
-                             out_shardings=par.state_shardings(built.optimizer))(params, mstate), None
-    else:
-        ts = built.ptrain.init_train_state(params, mstate, built.optimizer, par)
-        frozen = par.stage_frozen(params)
-    ts, m = built.step(ts, par.put_batch(rows if rows is not None else batch_rows()), frozen)
+    st = initial_state_of(built, None, lambda *_: None)  # the trainer's own init (train/loop.py)
+    ts, m = built.step(st.ts, par.put_batch(rows if rows is not None else batch_rows()), st.frozen)
     return jax.device_get(ts), jax.device_get(m)
 
 

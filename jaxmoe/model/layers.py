@@ -99,7 +99,7 @@ def attention_block(p, x, rope, segment_ids, c: ModelConfig, opts: ModelOptions,
         out = ops_for(opts).attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             q_index=token_index, kv_index=token_index, causal=True)
-    out = sh.constrain(out, ("batch", "length_attn", "heads", "head_dim"))
+    out = sh.constrain(out, Q_AXES)
     return out_proj(p, out, opts)
 
 
