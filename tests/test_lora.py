@@ -134,8 +134,10 @@ def test_mesh_tp2_ep2_equals_single_device(base):
     # train steps on the mesh == on one device (routed-expert adapters ride through the EP dispatch)
     _, _, ts1, _ = _lora_train(dataclasses.replace(t, mesh=""), params, state, steps=2)
     _, _, ts4, _ = _lora_train(t, params, state, steps=2, devices=jax.devices()[:4])
+    # Adam moves every element by ~lr (3e-3) per step whatever its gradient's size, so on an element whose
+    # gradient is near zero float rounding of the sharded sums shows at ~1e-3 of that step: atol 1e-5.
     for a, b in zip(jax.tree.leaves(ts1["params"]), jax.tree.leaves(ts4["params"])):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-5)
 
 
 def test_peft_export_matches_transformers(tmp_path):

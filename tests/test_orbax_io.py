@@ -20,6 +20,7 @@ from jaxmoe.model.params import init_state, param_shapes
 from jaxmoe.train import checkpoint as ckpt_lib
 from jaxmoe.train.step import init_train_state
 from tests._mcore_helpers import random_hf, tiny_cfg
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +128,7 @@ def test_training_run_from_converted_checkpoint_to_hf(tmp_path):
     c = MICRO
     src = write_hf_dir(tmp_path / "hf", c, disk_tensors(random_hf_model(c, seed=1)), tokenizer=False)
     assert main(["hf-to-orbax", "--input", src, "--output", str(tmp_path / "orb"), "--quiet"]) == 0
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-m", "jaxmoe.train", "--load", str(tmp_path / "orb"), "--finetune",
                         "--save", str(tmp_path / "run"), "--train_iters", "1", "--save_interval", "1",
                         "--global_batch_size", "2", "--micro_batch_size", "2", "--max_length", "32",
@@ -163,7 +164,7 @@ RSS_SCRIPT = textwrap.dedent("""
 
 
 def _peak(args) -> int:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     p = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("MAXRSS")]

@@ -18,6 +18,7 @@ from jaxmoe.parallel.pipeline import PipelineLayout, split_layers
 from jaxmoe.parallel.setup import build_parallel
 from tests.parallel_utils import PIPE_OPT, check_built_equivalence, check_equivalence, run_steps
 from tests.train_utils import MICRO, PIPE, train_config
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_pipeline_lora_and_cp_equal_single_device(mesh, n, kw):
 
 def test_pipeline_tp4_ep4_pp2_on_32_devices():
     """The design card's mesh: 32 fake devices need their own process (the suite's has 8)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(32), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": ROOT}
     p = subprocess.run([sys.executable, "-m", "tests.parallel_utils", "tp=4,ep=4,pp=2", "32", "2", "pipe"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -17,6 +17,7 @@ import pytest
 from jaxmoe.train.__main__ import main
 from jaxmoe.train.args import parse_args
 from tests.train_utils import micro_model_dir
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("rel")
     return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_COMPILATION_CACHE_DIR": str(d / "jit"),
+            "XLA_FLAGS": xla_flags(1), "JAX_COMPILATION_CACHE_DIR": str(d / "jit"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "MODEL": micro_model_dir(d)}
 
 
