@@ -129,8 +129,9 @@ def model_flops_per_step(t, c) -> float:
 
 
 def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4, link_efficiency: float = 0.8,
-                   top: int = 10) -> dict[str, Any]:
-    """Build the trainer's step for `devices`, compile it, and measure it (see the module docstring)."""
+                   top: int = 10, keep_hlo: bool = False) -> dict[str, Any]:
+    """Build the trainer's step for `devices`, compile it, and measure it (see the module docstring).
+    `keep_hlo`: the report's "hlo" is the optimized per-device HLO text (for tests; not printed)."""
     from jaxmoe.parallel.setup import build_parallel
     from jaxmoe.train.build import build_step
 
@@ -164,6 +165,7 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
         "roofline": {**roofline(flops, coll["ops"], gpu, per_host, mfu, link_efficiency, len(devices)),
                      "mfu_assumed": mfu, "link_efficiency": link_efficiency},
         "compile_seconds": seconds,
+        **({"hlo": hlo} if keep_hlo else {}),
     }
 
 

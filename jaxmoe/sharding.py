@@ -176,6 +176,15 @@ class Sharding:
                 x, NamedSharding(jax.sharding.get_abstract_mesh(), strip_axes(spec, manual)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+    def over_stages(self, x):
+        """x [S, ...] (one slice per pipeline stage): dim 0 split over `stage`, the other dims left to sharding
+        propagation. A value broadcast over the stages is otherwise materialised whole on every device."""
+        if self.mesh is None:
+            return x
+        spec = P("stage", *([P.UNCONSTRAINED] * (x.ndim - 1)))
+        mesh = jax.sharding.get_abstract_mesh() if manual_axes() else self.mesh
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
     def shard_map(self, fn, in_specs, out_specs):
         """shard_map_rest over this mesh."""
         return shard_map_rest(fn, self.mesh, in_specs, out_specs, self.replicas)

@@ -45,4 +45,6 @@ def test_pipeline_with_data_replicas_reduces_once_per_step():
 
     few, many = payload(2), payload(8)
     print(f"pp=2,dp=2: reduction payload {few:.3f}x (2 micro) / {many:.3f}x (8 micro) of fp32 grads")
-    assert few < 1.4 and many < 1.7, (few, many)  # weights replicated over stages are summed over both axes
+    # weights replicated over stages are summed over both axes: the embedding / head partials of each stage's
+    # micro-batches (one copy per device, split over `stage`) all-reduced over stage, then over data
+    assert few < 1.6 and many < 1.7, (few, many)

@@ -115,15 +115,16 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def _over_stages(fn, xs, S: int, params):
+def _over_stages(fn, xs, S: int, params, sharding):
     """fn(params, x) over the leading (micro-batch) dim of xs, Mp = k*S items: S at a time, one per stage.
-    params go in broadcast over the stages (batched, not closed over: the batching rule of ragged_dot, the
-    experts' grouped matmul inside the MoE dispatch, needs every operand batched). fn is rematerialised: the
+    params go in broadcast over the stages, one slice per stage (batched, not closed over: the batching rule of
+    ragged_dot, the experts' grouped matmul inside the MoE dispatch, needs every operand batched; split over
+    `stage`, or every device would hold all S copies). fn is rematerialised: the
     backward pass runs after every micro-batch's forward, and keeping each one's activations (logits!) for
     it would grow memory with M."""
     Mp = jax.tree.leaves(xs)[0].shape[0]
     split = jax.tree.map(lambda a: a.reshape((Mp // S, S) + a.shape[1:]), xs)
-    bc = jax.tree.map(lambda a: jnp.broadcast_to(a, (S,) + a.shape), params)
+    bc = jax.tree.map(lambda a: sharding.over_stages(jnp.broadcast_to(a, (S,) + a.shape)), params)
     fn = jax.vmap(jax.checkpoint(fn), spmd_axis_name="stage")
     _, out = jax.lax.scan(lambda _, x: (None, fn(bc, x)), None, split)
     return jax.tree.map(lambda a: a.reshape((Mp,) + a.shape[2:]), out)
@@ -212,7 +213,7 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
         return h
 
     # every stage reads micro-batch i at iteration i
-    x = opts.sharding.constrain(_over_stages(pre, (padded, micro_ids), S, rest), MICRO_ACT)
+    x = opts.sharding.constrain(_over_stages(pre, (padded, micro_ids), S, rest, opts.sharding), MICRO_ACT)
 
     with jax.named_scope("pipeline/stages"):
         outs, counts, aux = _run_stages(params["moe"], state["moe_bias"], x, mbs, c, opts, layout, dispatch, adapt)
@@ -226,7 +227,7 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
                                    with_mtp=lo.mtp_layers > 0, dispatch=dispatch, mtp_layers=lo.mtp_layers)
         return loss_terms(p, hf, extra, mb, lo, opts)
 
-    obj, stats = _over_stages(post, (outs, padded, micro_ids), S, rest)
+    obj, stats = _over_stages(post, (outs, padded, micro_ids), S, rest, opts.sharding)
     stats = jax.tree.map(lambda a: a.sum(0), stats)
     stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)
