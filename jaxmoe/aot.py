@@ -161,6 +161,8 @@ def compile_report(t, c, devices, gpu: GpuType, per_host: int, mfu: float = 0.4,
         "collective_model": perf.collective_model(par, t.micro_batch_size * t.max_length, c.hidden_size,
                                                   built.num_micro, c, recompute=t.recompute_granularity == "full"),
         "top_collectives": coll.get("top_ops", []), "unknown_trip_counts": len(coll["unknown_trip_counts"]),
+        "live_payload": (perf.pipeline_live_payload(coll["ops"], built.num_micro, par.pipeline)
+                         if par.pipeline is not None else coll["total"]["payload_bytes"]),
         "triton_kernels": triton_kernels(hlo), "model_flops_per_device": flops,
         "roofline": {**roofline(flops, coll["ops"], gpu, per_host, mfu, link_efficiency, len(devices)),
                      "mfu_assumed": mfu, "link_efficiency": link_efficiency},
@@ -200,6 +202,9 @@ def show(r: dict, out=sys.stdout) -> None:
                                                             "pipeline") if m.get(k))
         p(f"> analytic minimum payload (jaxmoe.perf.collective_model) {m['total'] / 1e9:.2f} GB ({parts}): the "
           f"step moves {col['total']['payload_bytes'] / max(m['total'], 1):.2f}x that")
+        if r["live_payload"] != col["total"]["payload_bytes"]:
+            p(f"> at run time the pipeline's bubble iterations and empty layer slots send no expert rows: "
+              f"{r['live_payload'] / 1e9:.2f} GB, {r['live_payload'] / max(m['total'], 1):.2f}x the minimum")
     for k in perf.KINDS:
         if col[k]["executions"]:
             p(f"    {k:<19} {col[k]['executions']:>6} executions  payload {col[k]['payload_bytes'] / 1e9:9.3f} GB")

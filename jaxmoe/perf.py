@@ -338,6 +338,17 @@ def _mesh_axes(sharding) -> set[str]:
     return axes
 
 
+def pipeline_live_payload(ops: list[dict], num_micro: int, layout) -> float:
+    """Run-time payload of collective_bytes' `ops` under the pipeline `layout` (parallel/pipeline.py): a ragged
+    exchange run once per layer slot and iteration ((M + S - 1) x slots times) moves rows only where a
+    micro-batch is live in a real layer (moe_mlp's `send`), M x n_s of them on stage s; the busiest stage's
+    share, M / (M + S - 1), is applied. Every other op moves what the static count says."""
+    per_step = (num_micro + layout.stages - 1) * layout.slots
+    live = num_micro / (num_micro + layout.stages - 1)
+    return sum(o["payload_bytes"] * (live if o["kind"] == "ragged-all-to-all" and o["executions"] % per_step == 0
+                                     else 1.0) for o in ops)
+
+
 def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=None,
                      compute_bytes: int = 2, recompute: bool = False) -> dict[str, float]:
     """Analytic payload bytes per device of one step's collectives (see docs/performance.md):

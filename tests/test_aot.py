@@ -94,3 +94,15 @@ def test_roofline_groups_of_every_device_span_the_hosts():
     one_host = aot.roofline(0.0, [every], aot.GPUS["h100"], 8, 0.5, 1.0, num_devices=8)
     two_hosts = aot.roofline(0.0, [every], aot.GPUS["h100"], 8, 0.5, 1.0, num_devices=16)
     assert (one_host["nvlink_wire_bytes"], two_hosts["ib_wire_bytes"]) == (1e9, 1e9)
+
+
+def test_pipeline_live_payload_scales_only_the_per_slot_ragged_exchange():
+    """GLM-4.5-Air on pp 4 (12/11/11/11 layers), 8 micro-batches: the ragged exchange runs 11 x 12 times, rows
+    move in 8 x 12 of them on the busiest stage; the MTP layer's exchange (outside the loop) and every other
+    collective count as they are."""
+    from jaxmoe.parallel.pipeline import PipelineLayout
+    layout = PipelineLayout((12, 11, 11, 11))
+    ops = [{"kind": "ragged-all-to-all", "executions": 132, "payload_bytes": 11.0},
+           {"kind": "ragged-all-to-all", "executions": 2, "payload_bytes": 5.0},
+           {"kind": "all-gather", "executions": 132, "payload_bytes": 7.0}]
+    assert perf.pipeline_live_payload(ops, 8, layout) == pytest.approx(8.0 + 5.0 + 7.0)

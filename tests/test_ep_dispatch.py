@@ -65,6 +65,9 @@ def test_capacity_drops_per_device_like_megatron(policy):
                                  reference_ops.gmm, jnp.float32).reshape(2, 8, H))
     assert dropped > 0 and int(stats["dropped"]) == dropped
     np.testing.assert_allclose(np.asarray(y), np.concatenate(ys), rtol=1e-5, atol=1e-6)
+    # a call whose output is unused (pipeline bubble, empty layer slot) sends nothing and drops nothing
+    y0, stats0 = jax.jit(lambda *a: dispatch(*a, ModelOptions(), send=False))(x, idx, w, wi, wo)
+    assert not np.asarray(y0).any() and int(stats0["dropped"]) == 0
 
 
 def test_pipeline_carries_the_dropped_count():

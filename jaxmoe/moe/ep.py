@@ -111,16 +111,18 @@ def _gather_tensor_ranks(arrays, etp_axis):
 
 
 @phase("dispatch_preprocess")
-def _dispatch_preprocess(x, idx, w, local_experts: int, ep: int, plan: Plan):
+def _dispatch_preprocess(x, idx, w, local_experts: int, ep: int, plan: Plan, send):
     """Token copies x [n, H] (idx, w [n, k]) -> per-peer buffers [ep, cap, H] of rows and [ep, cap] of their
     local expert (local_experts = empty row), the packing, and the counts (dropped, overflow) [2] int32.
-    Copies are sorted by global expert (dropped ones last), so each peer's experts are contiguous."""
+    Copies are sorted by global expert (dropped ones last), so each peer's experts are contiguous. `send`
+    False: no copy is sent (nor counted as dropped)."""
     (n, k), H = idx.shape, x.shape[1]
     E = local_experts * ep
     cap, per_expert = plan.buffer_rows(n * k, E, ep)
     flat_e = idx.reshape(-1)
-    keep = (jnp.ones_like(flat_e, bool) if per_expert is None
+    fits = (jnp.ones_like(flat_e, bool) if per_expert is None
             else _keep_mask(flat_e, w.reshape(-1), E, per_expert, plan.drop_policy))
+    keep = fits & send
     order = jnp.argsort(jnp.where(keep, flat_e, E), stable=True)
     e_sorted = jnp.where(keep, flat_e, E)[order]
     kept = e_sorted < E
@@ -133,7 +135,7 @@ def _dispatch_preprocess(x, idx, w, local_experts: int, ep: int, plan: Plan):
     buf = jnp.zeros((ep, cap, H), x.dtype).at[tgt, pos].set(rows, mode="drop")
     ebuf = jnp.full((ep, cap), local_experts, jnp.int32).at[tgt, pos].set(
         (e_sorted % local_experts).astype(jnp.int32), mode="drop")
-    stats = jnp.stack([jnp.sum(~keep), jnp.sum(jnp.maximum(counts - cap, 0))]).astype(jnp.int32)
+    stats = jnp.stack([jnp.sum(~fits & send), jnp.sum(jnp.maximum(counts - cap, 0))]).astype(jnp.int32)
     return buf, ebuf, Packed(order, tgt, pos, sent, jnp.minimum(counts, cap)), stats
 
 
@@ -196,7 +198,7 @@ def _own_dropout_key(lora, token_axes):
     return {**lora, "_key": key}
 
 
-def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, plan: Plan):
+def _local_dispatch(x, idx, w, wi, wo, lora, send, *, gmm, dt, plan: Plan):
     """One device's MoE layer after routing: x [b, t, H], idx / w [b, t, k] -> (y [b, t, H] in dt, the
     counts (dropped, overflow) as [1, 2] int32, counted once per token)."""
     if plan.etp_axis:
@@ -204,7 +206,8 @@ def _local_dispatch(x, idx, w, wi, wo, lora, *, gmm, dt, plan: Plan):
     shape = x.shape
     x, idx, w = x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])
     lora = _own_dropout_key(lora, plan.token_axes)
-    buf, ebuf, packed, stats = _dispatch_preprocess(x, idx, w, wi.shape[0], jax.lax.axis_size(plan.ep_axes), plan)
+    buf, ebuf, packed, stats = _dispatch_preprocess(x, idx, w, wi.shape[0], jax.lax.axis_size(plan.ep_axes), plan,
+                                                    send)
     recv, recv_e = _dispatch(buf, ebuf, packed.send_counts, plan)
     ys = _experts(recv, recv_e, wi, wo, lora, gmm, dt)
     back = _combine(ys, packed.send_counts, plan)
@@ -304,16 +307,17 @@ def make_ep_dispatch(mesh, transport: str = "auto", capacity_factor: float | Non
     wi_spec, wo_spec = ((P(tuple(ep_axes), None, None, "tensor"), P(tuple(ep_axes), "tensor")) if plan.etp_axis
                         else (wspec, wspec))
 
-    def dispatch(x, idx, w, wi, wo, opts, lora=None):
-        """`lora`: routed-expert LoRA adapters (A/B stacked on the expert axis, split with the experts)."""
+    def dispatch(x, idx, w, wi, wo, opts, lora=None, send=True):
+        """`lora`: routed-expert LoRA adapters (A/B stacked on the expert axis, split with the experts).
+        `send` (bool scalar): False sends no token (its output is not used: moe_mlp)."""
         from jaxmoe.model.layers import ops_for
         fn = partial(_local_dispatch, gmm=ops_for(opts).gmm, dt=opts.dtype, plan=plan)
         lspec = None if lora is None else {k: (P() if k.startswith("_") else jax.tree.map(lambda _: wspec, v))
                                            for k, v in lora.items()}
         if lora is not None and plan.etp_axis:
             raise ValueError("LoRA adapters of routed experts need --expert_tensor_parallel_size 1")
-        y, st = shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec), (tok, P(plan.token_axes)),
-                               opts.sharding.replicas)(x, idx, w, wi, wo, lora)
+        y, st = shard_map_rest(fn, mesh, (tok, tok, tok, wi_spec, wo_spec, lspec, P()), (tok, P(plan.token_axes)),
+                               opts.sharding.replicas)(x, idx, w, wi, wo, lora, jnp.asarray(send, bool))
         st = st.sum(0)  # over the devices (a no-op in the manual region: moe_mlp sums over those axes)
         return y, {k: st[STATS.index(k)] for k in plan.reported}
 

@@ -6,7 +6,8 @@ The MoE layer stack is split into `pp` stages. Its parameters are re-laid out pe
 M + S - 1 iterations feeds micro-batch i to stage 0 and hands each stage's output to the next stage
 (`jnp.roll` over the stage dim: a collective permute); the last stage's output of iteration i is micro-batch
 i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
-statistics are masked out.
+statistics are masked out; they, and the empty layer slots of an uneven split, send no token through the
+expert exchange.
 
 Work that is not part of the layer stack is spread over the stages by micro-batch instead of being pinned to
 the first / last stage: before the loop every stage embeds (and runs the dense layers, GLM's layer 0, on)
@@ -149,10 +150,12 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
     def stage_fn(stack, bias, ok, ids, h, mb, m):
         stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
         ctx = make_context(mb, c)
+        micro_live = (m >= 0) & (m < M)
 
         def body(carry, xs):
             p, b, live = xs
-            out, st = decoder_layer(p, carry, b, ctx, c, opts, dispatch)
+            # a bubble iteration or an empty slot: its output is dropped, so it sends no token to the experts
+            out, st = decoder_layer(p, carry, b, {**ctx, "moe_send": live & micro_live}, c, opts, dispatch)
             return jnp.where(live, out, carry), st
 
         return jax.lax.scan(remat_layer(body, opts), h, (stack, bias, ok))
