@@ -23,7 +23,7 @@ from jaxmoe.moe.router import aux_loss, load_balancing_terms, route
 ACT = ("batch", "length", "embed")
 
 
-def local_moe_dispatch(x, idx, w, wi, wo, opts: ModelOptions, lora=None, send=None):
+def local_moe_dispatch(x, idx, w, wi, wo, opts: ModelOptions, lora=None, send=True):
     """Routed experts for tokens x [B, T, H] (idx, w [B, T, k]) on this device (the reference; EP swaps in
     moe/ep.py) -> (y, dispatch stats: none here). `send` (whether the tokens' output is used at all) only
     saves the expert-parallel exchange, so it is ignored here."""
@@ -40,9 +40,9 @@ def dispatch_totals(st: dict, mask=None) -> dict:
 
 
 def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Callable | None = None,
-            send=None):
+            send=True):
     """x [B, T, H] -> (y [B, T, H], stats). Shared expert runs on every token, added to the routed output.
-    `send` (bool scalar, None = True): False when nothing of this call is used (a pipeline bubble iteration or
+    `send` (bool scalar): False when nothing of this call is used (a pipeline bubble iteration or
     empty layer slot, parallel/pipeline.py): the dispatch then sends no token to the experts."""
     B, T, H = x.shape
     xf = x.reshape(B * T, H)
@@ -51,7 +51,7 @@ def moe_mlp(p, x, bias, valid, c: ModelConfig, opts: ModelOptions, dispatch: Cal
     ex = p.get(EXPERT_DELTAS)  # routed-expert adapters ride with the expert weights (sharded on `exp`)
     k = idx.shape[-1]
     y, dstats = dispatch(x, idx.reshape(B, T, k), w.reshape(B, T, k), p["experts_wi"], p["experts_wo"], opts,
-                         **({"lora": ex} if ex else {}), **({"send": send} if send is not None else {}))
+                         **({"lora": ex} if ex else {}), send=send)
     y = checkpoint_name(y, "moe_out")
     if "shared_wi" in p:
         y = y + swiglu(p, x, "shared", opts)
@@ -74,7 +74,7 @@ def decoder_layer(p, h, bias, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
         with jax.named_scope("mlp"):
             y, stats = checkpoint_name(swiglu(p, x, "mlp", opts), "mlp"), {}
     else:
-        y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch, ctx.get("moe_send"))
+        y, stats = moe_mlp(p, x, bias, ctx["segment_ids"] > 0, c, opts, dispatch, ctx.get("moe_send", True))
     return opts.sharding.constrain(h + y, ACT), stats
 
 

@@ -120,9 +120,8 @@ def _over_stages(fn, xs, S: int, params, sharding):
     """fn(params, x) over the leading (micro-batch) dim of xs, Mp = k*S items: S at a time, one per stage.
     params go in broadcast over the stages, one slice per stage (batched, not closed over: the batching rule of
     ragged_dot, the experts' grouped matmul inside the MoE dispatch, needs every operand batched; split over
-    `stage`, or every device would hold all S copies). fn is rematerialised: the
-    backward pass runs after every micro-batch's forward, and keeping each one's activations (logits!) for
-    it would grow memory with M."""
+    `stage`, or every device would hold all S copies). fn is rematerialised: the backward pass runs after
+    every micro-batch's forward, and keeping each one's activations (logits!) for it would grow memory with M."""
     Mp = jax.tree.leaves(xs)[0].shape[0]
     split = jax.tree.map(lambda a: a.reshape((Mp // S, S) + a.shape[1:]), xs)
     bc = jax.tree.map(lambda a: sharding.over_stages(jnp.broadcast_to(a, (S,) + a.shape)), params)
