@@ -231,6 +231,21 @@ def computation_multiplicity(mod: dict) -> tuple[dict[str, int], list[str]]:
     return mult, unknown
 
 
+def branch_computations(mod: dict) -> set[str]:
+    """Computations that run inside a conditional's branch (and what they call): the static count takes every
+    branch as run each time its conditional runs."""
+    comps, out = mod["comps"], set()
+    todo = [callee for instrs in comps.values() for i in instrs if i["op"] == "conditional"
+            for role, callee in _callees(i) if role != "to_apply"]
+    while todo:
+        c = todo.pop()
+        if c in out or c not in comps:
+            continue
+        out.add(c)
+        todo += [callee for i in comps[c] for _, callee in _callees(i)]
+    return out
+
+
 def _callees(instr: dict):
     call = instr["call"]
     for role, name in _CALLEE.findall(call):
@@ -250,6 +265,7 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False,
     size, the dropless worst case)."""
     mod = parse_hlo(hlo_text)
     mult, unknown = computation_multiplicity(mod)
+    branches = branch_computations(mod)
     n_dev = mod["num_partitions"]
     out = {k: {"ops": 0, "executions": 0, "payload_bytes": 0, "wire_bytes": 0.0} for k in KINDS}
     ops: list[dict] = []
@@ -287,7 +303,7 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False,
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,
                         "payload_bytes": times * payload, "wire_bytes": times * wire, "computation": cname,
-                        "attrs": i["call"]})
+                        "in_branch": cname in branches, "attrs": i["call"]})
             rec = out[kind]
             rec["ops"] += 1
             rec["executions"] += times
@@ -339,14 +355,20 @@ def _mesh_axes(sharding) -> set[str]:
 
 
 def pipeline_live_payload(ops: list[dict], num_micro: int, layout) -> float:
-    """Run-time payload of collective_bytes' `ops` under the pipeline `layout` (parallel/pipeline.py): a ragged
-    exchange run once per layer slot and iteration ((M + S - 1) x slots times) moves rows only where a
-    micro-batch is live in a real layer (moe_mlp's `send`), M x n_s of them on stage s; the busiest stage's
-    share, M / (M + S - 1), is applied. Every other op moves what the static count says."""
+    """Run-time payload of collective_bytes' `ops` under the pipeline `layout` (parallel/pipeline.py), whose
+    loop runs one layer slot per step, (M + S - 1) x slots steps: a ragged exchange of a step moves rows only
+    where a micro-batch is live in a real layer (moe_mlp's `send`), M x n_s of them on stage s (the busiest
+    stage's share, M / (M + S - 1), is applied); an op in a conditional branch of a step (the hand-off between
+    stages) runs at the first slot of each iteration only (1 / slots). Every other op moves what the static
+    count says."""
     per_step = (num_micro + layout.stages - 1) * layout.slots
     live = num_micro / (num_micro + layout.stages - 1)
-    return sum(o["payload_bytes"] * (live if o["kind"] == "ragged-all-to-all" and o["executions"] % per_step == 0
-                                     else 1.0) for o in ops)
+
+    def share(o):
+        if o["executions"] % per_step:
+            return 1.0
+        return live if o["kind"] == "ragged-all-to-all" else 1.0 / layout.slots if o.get("in_branch") else 1.0
+    return sum(o["payload_bytes"] * share(o) for o in ops)
 
 
 def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=None,
@@ -494,14 +516,12 @@ class TrainStep:
     def init_state(self):
         """Random fp32 master weights + optimizer state, placed as the trainer places them."""
         from jaxmoe.model.params import init_params, init_state
-        from jaxmoe.train.step import init_train_state
 
         par = self.par
         params = jax.jit(lambda k: init_params(self.c, k), out_shardings=par.master_shardings)(
             jax.random.key(self.t.seed))
         mstate = jax.device_put(init_state(self.c), par.replicated)
-        return jax.jit(lambda p, s: init_train_state(p, s, self.optimizer),
-                       out_shardings=par.state_shardings(self.optimizer))(params, mstate)
+        return par.init_train_state(params, mstate, self.optimizer)
 
     def abstract_state(self):
         """The train state as sharded shape structs: compile without allocating the weights."""

@@ -23,12 +23,15 @@ REPLICA_AXIS = "replica"
 
 
 def logical_rules(sequence_parallel: bool = False, ep_axes: tuple[str, ...] = ("expert",),
-                  etp: int = 1) -> dict[str, Any]:
+                  etp: int = 1, pipeline: bool = False) -> dict[str, Any]:
     """Logical axis -> mesh axis (or tuple of axes, or None = replicated). `ep_axes`: the expert-parallel group
-    (MeshSpec.ep_axes), over which the routed experts are split; etp > 1: each expert's FFN split over tensor."""
+    (MeshSpec.ep_axes), over which the routed experts are split; etp > 1: each expert's FFN split over tensor.
+    `pipeline`: the embedding and LM head are split over the stages too (parallel/pipeline.py runs them on
+    every micro-batch, vocab-parallel, outside the stages' loop)."""
+    vocab = ("tensor", "stage") if pipeline else "tensor"
     return {
         # parameters
-        "vocab": "tensor",  # vocab-parallel embedding / LM head
+        "vocab": vocab,  # vocab-parallel embedding / LM head
         "embed": None,
         "heads": "tensor",  # column-parallel q, row-parallel o
         "kv_heads": "tensor",
@@ -42,7 +45,7 @@ def logical_rules(sequence_parallel: bool = False, ep_axes: tuple[str, ...] = ("
         "batch": ("data", "expert"),
         "length": ("sequence", "tensor") if sequence_parallel else "sequence",
         "length_attn": "sequence",
-        "act_vocab": "tensor",
+        "act_vocab": vocab,
     }
 
 

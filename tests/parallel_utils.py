@@ -11,7 +11,7 @@ from jaxmoe.train.build import build_step, model_options
 from jaxmoe.train.loop import initial_state as initial_state_of
 from jaxmoe.train.loss import LossOptions
 from jaxmoe.train.optimizer import lr_schedule, make_optimizer
-from jaxmoe.train.step import StepConfig, StepHooks, init_train_state, make_train_step
+from jaxmoe.train.step import StepConfig, StepHooks, make_train_step
 from tests.train_utils import MICRO, packed_rows, train_config
 
 
@@ -39,7 +39,7 @@ def run_steps(mesh: str, n_devices: int, num_micro: int, steps: int = 1, c=MICRO
     for _ in range(steps):
         ts, m = step(ts, batch)
         ms.append(jax.device_get(m))
-    return jax.device_get(ts), ms
+    return jax.device_get(par.to_checkpoint(ts, opt)), ms  # the canonical layout, as the reference's
 
 
 def run_built(mesh: str, n_devices: int, c=MICRO, rows=None, **kw):
@@ -52,7 +52,7 @@ def run_built(mesh: str, n_devices: int, c=MICRO, rows=None, **kw):
     built = build_step(t, c, par, 10)
     st = initial_state_of(built, None, lambda *_: None)  # the trainer's own init (train/loop.py)
     ts, m = built.step(st.ts, par.put_batch(rows if rows is not None else batch_rows()), st.frozen)
-    return jax.device_get(ts), jax.device_get(m)
+    return jax.device_get(built.to_checkpoint(ts)), jax.device_get(m)
 
 
 def check_built_equivalence(mesh: str, n_devices: int, c=MICRO, ref=None, **kw):
@@ -71,7 +71,7 @@ def initial_state(par, opt, c=MICRO):
     """The train state of full training from init_params(key 1), in par's layout."""
     params = jax.jit(lambda k: init_params(c, k), out_shardings=par.master_shardings)(jax.random.key(1))
     mstate = jax.device_put(init_state(c), par.replicated)
-    return jax.jit(lambda p, s: init_train_state(p, s, opt), out_shardings=par.state_shardings(opt))(params, mstate)
+    return par.init_train_state(params, mstate, opt)
 
 
 def assert_states_close(a, b, rtol=1e-5):

@@ -46,7 +46,8 @@ def sharding_table(name: str) -> dict[str, str]:
     c = load_model_config(t.model)
     spec = mesh_spec(t, devices)
     validate_layout(spec, c, t.global_batch_size, t.micro_batch_size, t.max_length)
-    rules = logical_rules(sequence_parallel=t.sequence_parallel, ep_axes=spec.ep_axes, etp=spec.etp)
+    rules = logical_rules(sequence_parallel=t.sequence_parallel, ep_axes=spec.ep_axes, etp=spec.etp,
+                          pipeline=spec.stage > 1)
     mesh_shape = dict(zip(MESH_AXES, spec.shape))
     specs = param_specs(c) if t.train_type == "full" else {"lora": lora_specs(c, LoraConfig.from_train_config(t))}
     rows = {}

@@ -82,9 +82,7 @@ class PartialTraining:
         return out
 
     def state_shardings(self, par, optimizer) -> dict:
-        view = dataclasses.replace(par, master_shardings=self.trainable_shardings(par),
-                                   param_shapes=self.trainable_abstract())
-        return view.state_shardings(optimizer)
+        return par.state_shardings_of(optimizer, self.trainable_shardings(par), self.trainable_abstract())
 
     # ---- state -----------------------------------------------------------------------------------------
     def init_trainable(self, base: dict, key: jax.Array) -> dict:

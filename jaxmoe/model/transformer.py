@@ -137,16 +137,27 @@ def decoder(params, state, h, ctx, c: ModelConfig, opts: ModelOptions, dispatch=
     return h, aux
 
 
+def mtp_token_embeddings(params, batch, n: int, opts: ModelOptions) -> list:
+    """The embeddings MTP depth i (of n) reads: of the token i+1 ahead (labels shifted by i in segment)."""
+    out, nxt = [], batch["labels"]  # token t+1 for the shifted (Megatron) layout
+    for i in range(n):
+        out.append(embed_tokens(params, nxt, opts))
+        nxt = shifted_field(batch, "labels", i + 1, nxt)
+    return out
+
+
 def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions, dispatch=None,
-                num_layers: int | None = None):
+                num_layers: int | None = None, embeds=None):
     """Multi-token prediction (Megatron MultiTokenPredictionBlock / DeepSeek-V3): depth i combines the
-    previous depth's hidden state with the embedding of the token i+1 ahead, runs one MoE layer and the
-    shared-head norm. Returns ([h_mtp per depth], counts [n_mtp, E], aux_loss, dispatch_totals)."""
+    previous depth's hidden state with the embedding of the token i+1 ahead (`embeds`: mtp_token_embeddings,
+    computed here when None), runs one MoE layer and the shared-head norm.
+    Returns ([h_mtp per depth], counts [n_mtp, E], aux_loss, dispatch_totals)."""
     outs, counts, aux, dstats = [], [], jnp.zeros((), jnp.float32), {}
-    nxt = batch["labels"]  # token t+1 for the shifted (Megatron) layout
-    for i in range(c.num_nextn_predict_layers if num_layers is None else num_layers):
+    n = c.num_nextn_predict_layers if num_layers is None else num_layers
+    embeds = mtp_token_embeddings(params, batch, n, opts) if embeds is None else embeds
+    for i in range(n):
         p = jax.tree.map(lambda a: a[i], params["mtp"])
-        e = embed_tokens(params, nxt, opts)
+        e = embeds[i]
         x = jnp.concatenate([rms_norm(e, p["enorm"], c.rms_norm_eps, opts),
                              rms_norm(h, p["hnorm"], c.rms_norm_eps, opts)], axis=-1)
         x = linear(p, "eh_proj", x, "btk,kh->bth", opts.dtype)
@@ -156,7 +167,6 @@ def mtp_forward(params, state, h, batch, ctx, c: ModelConfig, opts: ModelOptions
         counts.append(st["counts"])
         aux = aux + st["aux_loss"]
         dstats = {k: dstats.get(k, 0) + v for k, v in dispatch_totals(st).items()}
-        nxt = shifted_field(batch, "labels", i + 1, nxt)
     return outs, jnp.stack(counts), aux, dstats
 
 
@@ -170,14 +180,19 @@ def forward(params, state, batch: dict, c: ModelConfig, opts: ModelOptions, with
     return finish_forward(params, state, h, aux, batch, ctx, c, opts, with_mtp, dispatch, mtp_layers)
 
 
+def mtp_depths(c: ModelConfig, mtp_layers: int | None) -> int:
+    return c.num_nextn_predict_layers if mtp_layers is None else min(mtp_layers, c.num_nextn_predict_layers)
+
+
 def finish_forward(params, state, h, aux: dict, batch: dict, ctx: dict, c: ModelConfig, opts: ModelOptions,
-                   with_mtp: bool = True, dispatch=None, mtp_layers: int | None = None):
-    """Final norm and MTP on the decoder output h (the pipeline runs this after its last stage)."""
+                   with_mtp: bool = True, dispatch=None, mtp_layers: int | None = None, mtp_embeds=None):
+    """Final norm and MTP on the decoder output h (the pipeline runs this after its last stage, with the MTP
+    token embeddings computed beforehand: `mtp_embeds`)."""
     h = rms_norm(h, params["final_norm"], c.rms_norm_eps, opts)
-    n_mtp = c.num_nextn_predict_layers if mtp_layers is None else min(mtp_layers, c.num_nextn_predict_layers)
+    n_mtp = mtp_depths(c, mtp_layers)
     if with_mtp and n_mtp and "mtp" in params:
         aux["mtp_hidden"], aux["mtp_counts"], mtp_aux, dstats = mtp_forward(params, state, h, batch, ctx, c, opts,
-                                                                            dispatch, n_mtp)
+                                                                            dispatch, n_mtp, mtp_embeds)
         aux["aux_loss"] = aux["aux_loss"] + mtp_aux
         aux.update({k: aux.get(k, 0) + v for k, v in dstats.items()})
     return h, aux

@@ -1,28 +1,30 @@
 """Pipeline parallelism over the `stage` mesh axis: a GPipe schedule written as one SPMD program (GSPMD).
 
-The MoE layer stack is split into `pp` stages. Its parameters are re-laid out per step as [S, Lmax, ...]
-(stage s's layers in slots 0..n_s-1, zero padding after, masked out) sharded over `stage` on dim 0, and one
-`jax.vmap(stage_fn, spmd_axis_name="stage")` runs every stage on its own micro-batch. Iteration i of the
-M + S - 1 iterations feeds micro-batch i to stage 0 and hands each stage's output to the next stage
-(`jnp.roll` over the stage dim: a collective permute); the last stage's output of iteration i is micro-batch
-i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
+The MoE layer stack is split into `pp` stages. Its parameters are laid out as [S, Lmax, ...] (stage s's layers
+in slots 0..n_s-1, zero padding after, masked out) sharded over `stage` on dim 0 (full training stores the
+fp32 master and Adam moments so, parallel/setup.py; LoRA's frozen base is staged once at load time), and one
+`jax.vmap(..., spmd_axis_name="stage")` runs every stage on its own micro-batch. Iteration i of the
+M + S - 1 iterations (Lmax steps of one layer each) feeds micro-batch i to stage 0 and hands each stage's
+output to the next stage (`jnp.roll` over the stage dim: a collective permute); the last stage's output of
+iteration i is micro-batch i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
 statistics are masked out; they, and the empty layer slots of an uneven split, send no token through the
 expert exchange.
 
-Work that is not part of the layer stack is spread over the stages by micro-batch instead of being pinned to
-the first / last stage: before the loop every stage embeds (and runs the dense layers, GLM's layer 0, on)
-M/S of the micro-batches; after it every stage runs the final norm, LM head, loss and MTP of M/S of them.
-Nothing is computed twice and no stage holds more than its share of the head's FLOPs.
+Work that is not part of the layer stack is spread over the stages instead of being pinned to the first /
+last stage: the embedding and LM head are split over the stages by vocabulary (each stage looks up, and
+computes the logits of, its share of the vocab for every micro-batch: logical axis `vocab` on tensor x stage),
+the dense layers (GLM's layer 0), the final norm and MTP by micro-batch (every stage runs M/S of them).
+Nothing is computed twice, no stage holds more than its share of the head's FLOPs, and no stage holds a
+whole copy of the embedding or head, nor of their gradients.
 
-Memory: each iteration's stage call is rematerialised (only its input hidden state is kept for the backward
-pass), so per-stage activation memory is M + S - 1 hidden states of one micro-batch plus one stage's working
-set, which is what the GPipe schedule needs (docs/performance.md). Under --recompute_granularity full the
-layers themselves keep only their inputs, so the stage call is not rematerialised on top (that would run every
-forward a third time): M + S - 1 hidden states per layer slot instead.
+Memory: every layer is rematerialised, keeping only its input hidden state for the backward pass (Megatron's
+full recompute), so per-stage activation memory is (M + S - 1) x Lmax hidden states of one micro-batch plus
+one layer's working set (docs/performance.md).
 
-Differentiation is with respect to fp32 copies of the staged weights, cast to the compute dtype inside each
-stage call, so the gradient summed over the M micro-batches by the scan's transpose is accumulated in fp32
-(Megatron's main_grad); it is reduced across data replicas once, after the loop.
+Differentiation is with respect to fp32 weights (the staged master itself where it needs no gather), cast to
+the compute dtype one layer at a time, so the gradient summed over the M micro-batches by the loop's transpose
+is accumulated in fp32, in place (Megatron's main_grad); it is reduced across data replicas once, after the
+loop.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.mesh import MeshError
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import (ACT, decoder_layer, dispatch_totals, embed_tokens, finish_forward, make_context,
-                                     remat_layer, run_stack)
+                                     mtp_depths, mtp_token_embeddings, run_stack)
 
 MICRO_ACT = (None,) + ACT  # [M, B, T, H]: micro-batch dim replicated over stages
 
@@ -120,8 +122,7 @@ def _over_stages(fn, xs, S: int, params, sharding):
     """fn(params, x) over the leading (micro-batch) dim of xs, Mp = k*S items: S at a time, one per stage.
     params go in broadcast over the stages, one slice per stage (batched, not closed over: the batching rule of
     ragged_dot, the experts' grouped matmul inside the MoE dispatch, needs every operand batched; split over
-    `stage`, or every device would hold all S copies). fn is rematerialised: the backward pass runs after
-    every micro-batch's forward, and keeping each one's activations (logits!) for it would grow memory with M."""
+    `stage`, or every device would hold all S copies). fn is rematerialised (see _per_micro)."""
     Mp = jax.tree.leaves(xs)[0].shape[0]
     split = jax.tree.map(lambda a: a.reshape((Mp // S, S) + a.shape[1:]), xs)
     bc = jax.tree.map(lambda a: sharding.over_stages(jnp.broadcast_to(a, (S,) + a.shape)), params)
@@ -138,54 +139,74 @@ def _pad_micro(tree, Mp: int):
 
 def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, layout: PipelineLayout, dispatch,
                 adapt):
-    """The GPipe loop: M + S - 1 iterations, each running every stage (vmapped over `stage`) on its micro-batch
-    and handing its output to the next stage. x [M, B, T, H]: the embedded micro-batches. Returns (the last
-    stage's outputs [M, B, T, H], router counts [S, slots, E], summed aux statistics)."""
-    S, M = layout.stages, mbs["input_ids"].shape[0]
+    """The GPipe loop, one layer slot per step: (M + S - 1) iterations x `slots` steps, each running layer slot
+    j of every stage (vmapped over `stage`) on the stage's micro-batch; at the first slot of an iteration each
+    stage's output is handed to the next stage. x [M, B, T, H]: the embedded micro-batches. Returns (the last
+    stage's outputs [M, B, T, H], router counts [S, slots, E], summed aux statistics).
+
+    One flat loop, not a loop over layers inside a loop over iterations: each step indexes its layer out of
+    the (closed-over) stacks inside the rematerialised layer, so the backward pass adds each layer's weight
+    gradient in place into one fp32 accumulator of the stage's stack; an inner layer loop would stack a
+    whole stage's worth of per-layer gradients every iteration before adding them (GLM-4.5-Air pp 4: 12 GiB).
+    Each layer keeps only its input for the backward pass (Megatron's full recompute), whatever
+    --recompute_granularity says: the schedule keeps M + S - 1 micro-batches in flight."""
+    S, M, L = layout.stages, mbs["input_ids"].shape[0], layout.slots
     valid = jnp.asarray(layout.valid())
     biases = layout.to_stages(bias)
     layer_ids = layout.to_stages(jnp.arange(c.num_moe_layers))
-
-    def stage_fn(stack, bias, ok, ids, h, mb, m):
-        stack = adapt({"moe": _cast(stack, opts.dtype)}, m, ids)["moe"]
-        ctx = make_context(mb, c)
-        micro_live = (m >= 0) & (m < M)
-
-        def body(carry, xs):
-            p, b, live = xs
-            # a bubble iteration or an empty slot: its output is dropped, so it sends no token to the experts
-            out, st = decoder_layer(p, carry, b, {**ctx, "moe_send": live & micro_live}, c, opts, dispatch)
-            return jnp.where(live, out, carry), st
-
-        return jax.lax.scan(remat_layer(body, opts), h, (stack, bias, ok))
-
     fields = {k: mbs[k] for k in ("positions", "segment_ids", "token_index") if k in mbs}
     stage_ids = jnp.arange(S)
 
-    def iteration(carry, i):
-        prev, outs, counts, aux = carry
+    def layer_fn(stack, bias, ok, ids, h, mb, m, j):  # one stage: its layer slot j on micro-batch m
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, j, 1, 0)
+        p = adapt({"moe": jax.tree.map(take, stack)}, m, take(ids))["moe"]
+        p = jax.tree.map(lambda a: a[0], _cast(p, opts.dtype))  # the stack may be the fp32 master
+        live = ok[j] & (m >= 0) & (m < M)
+        # a bubble iteration or an empty slot: its output is dropped, so it sends no token to the experts
+        out, st = decoder_layer(p, h, bias[j], {**make_context(mb, c), "moe_send": live}, c, opts, dispatch)
+        return jnp.where(ok[j], out, h), st
+
+    layer_fn = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def hand_off(h, i):  # each stage's output to the next stage; stage 0 takes micro-batch i
+        first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=False)
+        return jnp.roll(h, 1, axis=0).at[0].set(first)
+
+    # (no jnp.where on hidden states in the loop body: its full-size mask would be kept for every step)
+    def step(carry, k):
+        h, outs, counts, aux = carry
+        i, j = k // L, k % L
+        # at an iteration's first slot h holds the stages' outputs of iteration i - 1, the last stage's being
+        # micro-batch i - S (a bubble value before i = S, overwritten then); every stage keeps its own (local),
+        # the other slots write to the spare row M
+        outs = jax.lax.dynamic_update_index_in_dim(outs, h, jnp.where(j == 0, jnp.maximum(i - S, 0), M), 1)
+        h = jax.lax.cond(j == 0, hand_off, lambda h, i: h, h, i)
         m = i - stage_ids  # the micro-batch each stage works on
         live = (m >= 0) & (m < M)
         mb = jax.tree.map(lambda a: a[jnp.clip(m, 0, M - 1)], fields)
         mb["segment_ids"] = jnp.where(live[:, None, None], mb["segment_ids"], 0)  # bubble: padding tokens
-        first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=True)
-        h = jnp.where((stage_ids == 0)[:, None, None, None], first, jnp.roll(prev, 1, axis=0))
-        out, st = jax.vmap(stage_fn, spmd_axis_name="stage")(stacks, biases, valid, layer_ids, h, mb, m)
-        outs = jax.lax.dynamic_update_index_in_dim(outs, out[S - 1], jnp.maximum(i - (S - 1), 0), 0)
-        keep = valid & live[:, None]
-        counts = counts + jnp.where(keep[..., None], st["counts"], 0)
+        h, st = jax.vmap(layer_fn, (0, 0, 0, 0, 0, 0, 0, None), spmd_axis_name="stage")(
+            stacks, biases, valid, layer_ids, h, mb, m, j)
+        keep = valid[:, j] & live
+        counts = counts.at[:, j].add(jnp.where(keep[:, None], st["counts"], 0))
         aux = jax.tree.map(jnp.add, aux, {"aux_loss": jnp.sum(jnp.where(keep, st["aux_loss"], 0.0)),
                                           **dispatch_totals(st, keep)})
-        return (out, outs, counts, aux), None
+        return (h, outs, counts, aux), None
 
-    if opts.remat != "full":  # keep only the stage input per iteration (GPipe with full stage recomputation);
-        stage_fn = jax.checkpoint(stage_fn)  # under full recompute each layer keeps its input already (Megatron's)
     h0 = jnp.zeros((S,) + x.shape[1:], x.dtype)
     aux0 = {"aux_loss": jnp.zeros((), jnp.float32),
             **{f"moe_{k}": jnp.zeros((), jnp.int32) for k in getattr(dispatch, "stats", ())}}
-    carry = (h0, jnp.zeros_like(x), jnp.zeros((S, layout.slots, bias.shape[-1]), jnp.float32), aux0)
-    (_, outs, counts, aux), _ = jax.lax.scan(iteration, carry, jnp.arange(M + S - 1))
-    return outs, counts, aux
+    outs0 = opts.sharding.over_stages(jnp.zeros((S, M + 1) + x.shape[1:], x.dtype))
+    carry = (h0, outs0, jnp.zeros((S, L, bias.shape[-1]), jnp.float32), aux0)
+    (h, outs, counts, aux), _ = jax.lax.scan(step, carry, jnp.arange((M + S - 1) * L))
+    return outs[S - 1, :M].at[M - 1].set(h[S - 1]), counts, aux
+
+
+def _per_micro(fn, xs):
+    """fn over the leading (micro-batch) dim of xs, one at a time, rematerialised (the backward pass runs after
+    every micro-batch's forward: keeping each one's activations, logits!, would grow memory with M)."""
+    _, out = jax.lax.scan(lambda _, x: (None, jax.checkpoint(fn)(x)), None, xs)
+    return out
 
 
 def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptions, layout: PipelineLayout,
@@ -201,35 +222,42 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     S, M = layout.stages, mbs["input_ids"].shape[0]
     Mp = -(-M // S) * S
     padded = _pad_micro(mbs, Mp)
-    rest = {k: v for k, v in params.items() if k != "moe"}
-
+    head = {k: params[k] for k in ("embed", "lm_head") if k in params}  # vocab-parallel over tensor x stage
+    body = {k: v for k, v in params.items() if k not in head and k != "moe"}
+    n_mtp = mtp_depths(c, lo.mtp_layers) if lo.mtp_layers > 0 and "mtp" in body else 0
     adapt = adapt or (lambda tree, m, ids: tree)
     micro_ids = jnp.arange(Mp)
+    with_head = lambda fn: lambda args: fn(adapt(_cast(head, opts.dtype), args[-1], None), *args[:-1])
 
-    def pre(p, args):  # embedding and dense layers of one micro-batch
-        mb, m = args
-        p = adapt(_cast(p, opts.dtype), m, None)
-        h = embed_tokens(p, mb["input_ids"], opts)
-        if "dense" in p:
-            h, _ = run_stack(p["dense"], None, h, make_context(mb, c), c, opts)
-        return h
+    # the token embeddings of every micro-batch, each stage looking up its share of the vocab
+    x = _per_micro(with_head(lambda p, ids: embed_tokens(p, ids, opts)), (padded["input_ids"], micro_ids))
+    if "dense" in body:
+        def dense(p, args):  # the dense layers of one micro-batch
+            h, mb, m = args
+            p = adapt(_cast(p, opts.dtype), m, None)
+            return run_stack(p["dense"], None, h, make_context(mb, c), c, opts)[0]
 
-    # every stage reads micro-batch i at iteration i
-    x = opts.sharding.constrain(_over_stages(pre, (padded, micro_ids), S, rest, opts.sharding), MICRO_ACT)
+        x = _over_stages(dense, (x, padded, micro_ids), S, {"dense": body["dense"]}, opts.sharding)
+    x = opts.sharding.constrain(x, MICRO_ACT)  # every stage reads micro-batch i at iteration i
 
     with jax.named_scope("pipeline/stages"):
         outs, counts, aux = _run_stages(params["moe"], state["moe_bias"], x, mbs, c, opts, layout, dispatch, adapt)
     outs = opts.sharding.constrain(outs, MICRO_ACT)
 
-    def post(p, args):  # final norm, head, loss and MTP of one micro-batch
-        h, mb, m = args
-        p = adapt(_cast(p, opts.dtype), m, None)
-        ctx = make_context(mb, c)
-        hf, extra = finish_forward(p, state, h, {"aux_loss": jnp.zeros((), jnp.float32)}, mb, ctx, c, opts,
-                                   with_mtp=lo.mtp_layers > 0, dispatch=dispatch, mtp_layers=lo.mtp_layers)
-        return loss_terms(p, hf, extra, mb, lo, opts)
+    embeds = _per_micro(with_head(lambda p, mb: mtp_token_embeddings(p, mb, n_mtp, opts)), (padded, micro_ids))
 
-    obj, stats = _over_stages(post, (outs, padded, micro_ids), S, rest, opts.sharding)
+    def post(p, args):  # final norm and MTP of one micro-batch
+        h, mb, e, m = args
+        p = adapt(_cast(p, opts.dtype), m, None)
+        return finish_forward(p, state, h, {"aux_loss": jnp.zeros((), jnp.float32)}, mb, make_context(mb, c), c,
+                              opts, with_mtp=n_mtp > 0, dispatch=dispatch, mtp_layers=n_mtp, mtp_embeds=e)
+
+    hf, extra = _over_stages(post, (outs, padded, embeds, micro_ids), S, body, opts.sharding)
+    hf, extra = opts.sharding.constrain(hf, MICRO_ACT), {k: (
+        [opts.sharding.constrain(h, MICRO_ACT) for h in v] if k == "mtp_hidden" else v) for k, v in extra.items()}
+    # the LM head and loss of every micro-batch, each stage computing the logits of its share of the vocab
+    obj, stats = _per_micro(with_head(lambda p, h, ex, mb: loss_terms(p, h, ex, mb, lo, opts)),
+                            (hf, extra, padded, micro_ids))
     stats = jax.tree.map(lambda a: a.sum(0), stats)
     stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)

@@ -76,22 +76,33 @@ class BuiltStep:
     def eval(self):
         return jax.jit(self.eval_fn)
 
-    def state_shardings(self):
+    def state_shardings(self, canonical: bool = False):
+        """The train state's shardings; `canonical`: the checkpoint's layout (differs under the pipeline, where
+        full training stores the MoE stack staged: Parallel.storage_shardings)."""
         if self.ptrain is None:
-            return self.par.state_shardings(self.optimizer)
+            return self.par.state_shardings(self.optimizer, canonical)
         return self.ptrain.state_shardings(self.par, self.optimizer)
 
-    def abstract_state(self):
-        """The train state as sharded shape structs (nothing allocated)."""
+    def to_storage(self, state):
+        """A (part of a) train state restored from a checkpoint -> the layout the step takes."""
+        return self.par.to_storage(state, self.optimizer) if self.ptrain is None else state
+
+    def to_checkpoint(self, state, memory_kind: str | None = None):
+        """The train state (or a part of it) -> the checkpoint's layout (Parallel.to_checkpoint)."""
+        return self.par.to_checkpoint(state, self.optimizer, memory_kind) if self.ptrain is None else state
+
+    def abstract_state(self, canonical: bool = False):
+        """The train state as sharded shape structs (nothing allocated); `canonical`: the checkpoint's layout."""
         if self.ptrain is None:
-            trainable = lambda: init_params(self.c, jax.random.key(0))
+            stage = (lambda p: p) if canonical else self.par.stage_params
+            trainable = lambda: stage(init_params(self.c, jax.random.key(0)))
         else:
             trainable = lambda: self.ptrain.init_trainable(
                 jax.eval_shape(lambda: init_params(self.c, jax.random.key(0), self.t.dtype)), jax.random.key(0))
         shapes = jax.eval_shape(lambda: init_train_state(trainable(), init_state(self.c), self.optimizer))
         # state_shardings is a prefix tree (one sharding for the whole model_state dict)
         return jax.tree.map(lambda sh, sub: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub), self.state_shardings(), shapes)
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub), self.state_shardings(canonical), shapes)
 
     def abstract_frozen(self):
         """The frozen base of partial training (compute dtype, TP/EP layout) as shape structs; None for full."""

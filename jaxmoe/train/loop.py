@@ -29,7 +29,6 @@ from jaxmoe.train import checkpoint as ckpt_lib
 from jaxmoe.train.args import TrainConfig
 from jaxmoe.train.build import BuiltStep, build_step, micro_batches
 from jaxmoe.train.logging import TrainLogger, version_aside
-from jaxmoe.train.step import init_train_state
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "data")
 
@@ -275,9 +274,7 @@ def initial_state(built: BuiltStep, hf_dir: str | None, log) -> LoopState:
         mstate = init_state(c)
     mstate = jax.device_put(mstate, par.replicated)
     if ptrain is None:
-        ts = jax.jit(lambda p, s: init_train_state(p, s, built.optimizer),
-                     out_shardings=par.state_shardings(built.optimizer))(params, mstate)
-        return LoopState(ts, None)
+        return LoopState(par.init_train_state(params, mstate, built.optimizer), None)
     return LoopState(ptrain.init_train_state(params, mstate, built.optimizer, par), par.stage_frozen(params))
 
 
@@ -285,20 +282,25 @@ def build_state(built: BuiltStep, hf_dir: str | None, resume_dir: str | None, re
                 log) -> LoopState:
     """The initial state, then (with --load) the checkpoint restored into it: all of it, or with --finetune
     the weights only, starting at iteration 0. Resuming also puts the train loader where it stopped."""
-    st = initial_state(built, hf_dir, log)
+    t = built.t
+    whole = resume_dir and not t.finetune and built.ptrain is None
+    # a full-training resume restores the whole state: an initial one would only hold a second copy of it
+    st = LoopState(None, None) if whole else initial_state(built, hf_dir, log)
     if not resume_dir:
-        if built.ptrain is not None and built.t.adapter_load:
-            st.ts = built.ptrain.load_adapters(built.t.adapter_load, st.ts, built.par)
-            log(f"> adapters from {built.t.adapter_load}")
+        if built.ptrain is not None and t.adapter_load:
+            st.ts = built.ptrain.load_adapters(t.adapter_load, st.ts, built.par)
+            log(f"> adapters from {t.adapter_load}")
         return st
-    t, abstract = built.t, ckpt_lib.abstract_like(st.ts)
+    # checkpoints hold the canonical layout (Parallel.to_checkpoint)
+    abstract = built.abstract_state(canonical=True) if built.ptrain is None else ckpt_lib.abstract_like(st.ts)
     if t.finetune:
         part = {"params": abstract["params"], "model_state": abstract["model_state"]}
         got, _, meta = ckpt_lib.restore(resume_dir, part, step=resume_step, partial=True)
-        st.ts = {**st.ts, **got}
+        st.ts = {**st.ts, **built.to_storage(got)}
         log(f"> finetune: weights from {resume_dir} (iteration {meta['iteration']}), starting at step 0")
         return st
-    st.ts, data_state, meta = ckpt_lib.restore(resume_dir, abstract, step=resume_step)
+    state, data_state, meta = ckpt_lib.restore(resume_dir, abstract, step=resume_step)
+    st.ts = built.to_storage(state)
     st.iteration, st.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
     if data_state is not None:
         train.set_state(data_state)
@@ -355,6 +357,7 @@ def save_checkpoint(job: Job, st: LoopState) -> None:
         return
     t, ptrain = job.built.t, job.built.ptrain
     saved = {k: v for k, v in st.ts.items() if not (t.no_save_optim and k == "opt_state")}
+    saved = job.built.to_checkpoint(saved, "pinned_host")  # canonical copies on the host: no device room needed
     job.ckpt.save(st.iteration, saved, job.train.get_state(), ckpt_lib.make_meta(
         job.built.c, t, st.iteration, st.consumed, {"partial": ptrain.meta()} if ptrain else None))
 

@@ -11,6 +11,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.layers import ops_for
 from jaxmoe.model.options import ModelOptions
 from jaxmoe.model.transformer import forward, lm_logits, shifted_field
+from jaxmoe.sharding import mesh_axes_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +26,10 @@ def token_nll(params, h, labels, opts: ModelOptions):
     vocab under tensor parallelism); kernel paths use the fused linear cross entropy (no full logits)."""
     ops = ops_for(opts)
     sh = opts.sharding
-    # the fused kernel needs the whole vocab: under tensor parallelism the vocab-split logits are used instead
-    if getattr(ops, "choice", {}).get("cross_entropy") != "pallas" or (sh.mesh and sh.mesh.shape["tensor"] > 1):
+    # the fused kernel needs the whole vocab: where the vocab is split (tensor parallelism, pipeline stages) the
+    # vocab-split logits are used instead
+    split = sh.mesh is not None and any(sh.mesh.shape[a] > 1 for a in mesh_axes_of(dict(sh.rules)["act_vocab"]))
+    if getattr(ops, "choice", {}).get("cross_entropy") != "pallas" or split:
         logits = sh.constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]

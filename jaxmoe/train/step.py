@@ -221,7 +221,6 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, sc: StepConfig, hooks: S
     """Returns step(train_state, batch, frozen=None) -> (train_state, metrics); `frozen` (partial training) gets
     no gradient, no optimizer state and is not part of the state."""
     grads_fn = _gradients(c, opts, sc, hooks)
-    pipe = hooks.par.pipeline if hooks.par is not None else None
 
     def step(ts, batch, frozen=None):
         with jax.named_scope("gradients"):
@@ -229,8 +228,6 @@ def make_train_step(c: ModelConfig, opts: ModelOptions, sc: StepConfig, hooks: S
             n_tok = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
             iteration = ts["updates"] + ts["skipped_iters"]
             grads, stats = grads_fn(params, ts["model_state"], batch, frozen, (iteration, n_tok))
-            if pipe is not None and "moe" in grads:
-                grads = {**grads, "moe": jax.tree.map(pipe.from_stages, grads["moe"])}
             if hooks.grad_transform is not None:
                 grads = hooks.grad_transform(grads)
         with jax.named_scope("optimizer"):
