@@ -231,21 +231,6 @@ def computation_multiplicity(mod: dict) -> tuple[dict[str, int], list[str]]:
     return mult, unknown
 
 
-def branch_computations(mod: dict) -> set[str]:
-    """Computations that run inside a conditional's branch (and what they call): the static count takes every
-    branch as run each time its conditional runs."""
-    comps, out = mod["comps"], set()
-    todo = [callee for instrs in comps.values() for i in instrs if i["op"] == "conditional"
-            for role, callee in _callees(i) if role != "to_apply"]
-    while todo:
-        c = todo.pop()
-        if c in out or c not in comps:
-            continue
-        out.add(c)
-        todo += [callee for i in comps[c] for _, callee in _callees(i)]
-    return out
-
-
 def _callees(instr: dict):
     call = instr["call"]
     for role, name in _CALLEE.findall(call):
@@ -265,7 +250,6 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False,
     size, the dropless worst case)."""
     mod = parse_hlo(hlo_text)
     mult, unknown = computation_multiplicity(mod)
-    branches = branch_computations(mod)
     n_dev = mod["num_partitions"]
     out = {k: {"ops": 0, "executions": 0, "payload_bytes": 0, "wire_bytes": 0.0} for k in KINDS}
     ops: list[dict] = []
@@ -303,7 +287,7 @@ def collective_bytes(hlo_text: str, top: int = 0, with_ops: bool = False,
                 payload, wire = operand, operand * (n - 1) / n
             ops.append({"name": i["name"], "kind": kind, "group": n, "executions": times,
                         "payload_bytes": times * payload, "wire_bytes": times * wire, "computation": cname,
-                        "in_branch": cname in branches, "attrs": i["call"]})
+                        "attrs": i["call"]})
             rec = out[kind]
             rec["ops"] += 1
             rec["executions"] += times
@@ -329,15 +313,16 @@ def local_elements(shardings, shapes) -> int:
 
 
 def state_bytes_per_device(par) -> int:
-    """fp32 master params + Adam mu and nu (12 bytes/param) under the ZeRO-1 master layout."""
-    return 12 * local_elements(par.master_shardings, par.param_shapes)
+    """fp32 master params + Adam mu and nu (12 bytes/param) in the train state's layout (ZeRO-1; the MoE stack
+    staged under the pipeline, its empty layer slots included)."""
+    return 12 * local_elements(par.storage_shardings, par.storage_shapes)
 
 
 def step_memory_model(par, compute_bytes: int = 2) -> dict[str, int]:
     """Analytic per-device bytes of the weight-sized buffers of one train step (activations excluded):
     state (master + moments, ZeRO layout), the compute copy of the weights (TP/EP layout), one micro-batch's
     gradient in the compute layout, and the fp32 gradient accumulator (ZeRO layout)."""
-    zero = local_elements(par.master_shardings, par.param_shapes)
+    zero = local_elements(par.storage_shardings, par.storage_shapes)
     comp = local_elements(par.param_shardings, par.param_shapes)
     return {"state": 12 * zero, "compute_params": compute_bytes * comp, "micro_grads": compute_bytes * comp,
             "grad_accumulator": 4 * zero, "total": 16 * zero + 2 * compute_bytes * comp}
@@ -355,20 +340,14 @@ def _mesh_axes(sharding) -> set[str]:
 
 
 def pipeline_live_payload(ops: list[dict], num_micro: int, layout) -> float:
-    """Run-time payload of collective_bytes' `ops` under the pipeline `layout` (parallel/pipeline.py), whose
-    loop runs one layer slot per step, (M + S - 1) x slots steps: a ragged exchange of a step moves rows only
-    where a micro-batch is live in a real layer (moe_mlp's `send`), M x n_s of them on stage s (the busiest
-    stage's share, M / (M + S - 1), is applied); an op in a conditional branch of a step (the hand-off between
-    stages) runs at the first slot of each iteration only (1 / slots). Every other op moves what the static
-    count says."""
+    """Run-time payload of collective_bytes' `ops` under the pipeline `layout` (parallel/pipeline.py): a ragged
+    exchange run once per layer slot and iteration ((M + S - 1) x slots times) moves rows only where a
+    micro-batch is live in a real layer (moe_mlp's `send`), M x n_s of them on stage s; the busiest stage's
+    share, M / (M + S - 1), is applied. Every other op moves what the static count says."""
     per_step = (num_micro + layout.stages - 1) * layout.slots
     live = num_micro / (num_micro + layout.stages - 1)
-
-    def share(o):
-        if o["executions"] % per_step:
-            return 1.0
-        return live if o["kind"] == "ragged-all-to-all" else 1.0 / layout.slots if o.get("in_branch") else 1.0
-    return sum(o["payload_bytes"] * share(o) for o in ops)
+    return sum(o["payload_bytes"] * (live if o["kind"] == "ragged-all-to-all" and o["executions"] % per_step == 0
+                                     else 1.0) for o in ops)
 
 
 def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=None,

@@ -45,7 +45,9 @@ def test_pipeline_with_data_replicas_reduces_once_per_step():
 
     few, many = payload(2), payload(8)
     print(f"pp=2,dp=2: reduction payload {few:.3f}x (2 micro) / {many:.3f}x (8 micro) of fp32 grads")
-    # the dense layers and MTP, replicated over stages, are summed over both axes; the embedding and head are
-    # split over stage by vocab, whose lookups and logits are reduced over stage too (activations: the same
-    # rows for 2 and 8 micro-batches)
-    assert few < 1.7 and many < 1.7, (few, many)
+    # no growth with the micro-batch count (the property); the rest is fixed per step: the dense layers and MTP,
+    # replicated over stages, are summed over both axes, and the embedding and head are split over stage by
+    # vocab, whose lookups (inputs and MTP's) and logits are reduced over stage, as is the gradient of the
+    # stages' copies of the embedded inputs (activations of the same 16 rows for 2 and 8 micro-batches: this
+    # tiny model's weights are few, so they weigh ~0.6x here)
+    assert many <= few and few < 2.2, (few, many)

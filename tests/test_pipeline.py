@@ -60,15 +60,16 @@ def test_layout_round_trip():
     np.testing.assert_array_equal(lay.from_stages(staged), x)
 
 
-@pytest.mark.parametrize("c,kw,needle", [
-    (PIPE, dict(mesh="ep=2", decoder_first_pipeline_num_layers=2), "need pipeline stages: add pp=N to --mesh"),
-    (MICRO, dict(mesh="pp=2"), "the model has 1 MoE layers (of 2), fewer than the 2 pipeline stages"),
+@pytest.mark.parametrize("c,kw,n,needle", [
+    (PIPE, dict(mesh="ep=2", decoder_first_pipeline_num_layers=2), 2, "need pipeline stages: add pp=N to --mesh"),
+    (MICRO, dict(mesh="pp=2"), 2, "the model has 1 MoE layers (of 2), fewer than the 2 pipeline stages"),
+    (PIPE, dict(mesh="pp=3"), 3, "vocab_size 1024 is not divisible by tp x pp = 3: the pipeline splits the embedding"),
 ])
-def test_invalid_pipeline_flags(c, kw, needle):
+def test_invalid_pipeline_flags(c, kw, n, needle):
     import jax
-    t = train_config(global_batch_size=8, micro_batch_size=1, **kw)
+    t = train_config(global_batch_size=6, micro_batch_size=1, **kw)
     with pytest.raises(MeshError) as e:
-        build_parallel(t, c, jax.devices()[:2])
+        build_parallel(t, c, jax.devices()[:n])
     assert needle in str(e.value)
 
 
@@ -139,3 +140,32 @@ def test_stage_memory_grows_only_by_the_schedules_hidden_states():
     small, large = _pipeline_memory(2), _pipeline_memory(8)
     per_micro = (large - small) / 6
     assert per_micro <= 8 * hidden, (small, large, per_micro / hidden)
+
+
+def test_checkpoint_is_canonical_and_restores_into_the_staged_storage(tmp_path):
+    """Full training under pp keeps the MoE stack's master and Adam moments staged, [S, slots, ...]; a checkpoint
+    holds them canonical, [L, ...] (what other layouts and the converters read: the save goes through host
+    memory one leaf at a time), and restoring stages them again, bit for bit."""
+    import jax
+
+    from jaxmoe.train import checkpoint as ckpt_lib
+    from jaxmoe.train.build import build_step
+    from jaxmoe.train.loop import initial_state
+    from tests.parallel_utils import batch_rows
+
+    t = train_config(mesh="pp=4", global_batch_size=4, micro_batch_size=1, **PIPE_OPT)
+    par = build_parallel(t, PIPE, jax.devices()[:4])
+    built = build_step(t, PIPE, par, 10)
+    ts, _ = built.step(initial_state(built, None, print).ts, par.put_batch(batch_rows(G=4)))  # moments != 0
+    stack = lambda tree: tree["moe"]["experts_wi"]
+    assert stack(ts["params"]).shape[:2] == (4, 2)  # 5 MoE layers: 2/1/1/1
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+    ckpt.save(1, built.to_checkpoint(ts, "pinned_host"), None, ckpt_lib.make_meta(PIPE, t, 1, 4))
+    ckpt.close()
+    state, _, _ = ckpt_lib.restore(str(tmp_path), built.abstract_state(canonical=True))
+    assert stack(state["params"]).shape[0] == stack(state["opt_state"][0].mu).shape[0] == PIPE.num_moe_layers
+    back = built.to_storage(state)
+    assert jax.tree.structure(back) == jax.tree.structure(ts)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ts)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -30,17 +30,18 @@ def test_full_step_compiles_with_pallas_and_ragged(mesh):
     assert 0 < r["memory"]["total"] < r["memory"]["device"]
 
 
-def test_pipeline_holds_one_copy_of_the_embedding_per_device(tmp_path):
-    """Every stage embeds and runs the head on its share of the micro-batches, so the embedding and head go into
-    the pipeline broadcast over the stages; unless that broadcast is split over `stage`, XLA's GPU partitioner
-    keeps all S copies on every device (GLM-4.5-Air at pp 4: 4 x 2.3 GiB per table in fp32, 4 x 1.2 in bf16)."""
+def test_pipeline_splits_the_embedding_and_head_over_the_stages(tmp_path):
+    """Under the pipeline every stage looks up and computes the logits of its share of the vocab: no device
+    holds a whole embedding or head table, nor its gradient (GLM-4.5-Air at pp 4: 2.3 GiB per table in fp32;
+    before, the tables were broadcast to every stage, and unless split over `stage` the GPU partitioner kept
+    all S copies on every device)."""
     cfg = tmp_path / "vocab.yaml"
     cfg.write_text("model: tiny\nmodel_overrides:\n  vocab_size: 32768\n")
     r = report(["--config", str(cfg), "--mesh", "ep=4,pp=2"] + TINY + ["--global_batch_size", "8"], keep_hlo=True)
     from jaxmoe.config import get_preset
     hidden = get_preset("tiny").hidden_size
-    assert f"[1,32768,{hidden}]" in r["hlo"]
-    assert f"[2,32768,{hidden}]" not in r["hlo"]
+    assert f"[16384,{hidden}]" in r["hlo"]
+    assert f"32768,{hidden}]" not in r["hlo"]
 
 
 def test_ragged_exchange_over_a_folded_expert_group():

@@ -5,8 +5,8 @@ in slots 0..n_s-1, zero padding after, masked out) sharded over `stage` on dim 0
 fp32 master and Adam moments so, parallel/setup.py; LoRA's frozen base is staged once at load time), and one
 `jax.vmap(..., spmd_axis_name="stage")` runs every stage on its own micro-batch. Iteration i of the
 M + S - 1 iterations (Lmax steps of one layer each) feeds micro-batch i to stage 0 and hands each stage's
-output to the next stage (`jnp.roll` over the stage dim: a collective permute); the last stage's output of
-iteration i is micro-batch i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
+output to the next stage (`jnp.roll` over the stage dim: a collective permute, run at every step and used at
+each iteration's first); the last stage's output of iteration i is micro-batch i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
 statistics are masked out; they, and the empty layer slots of an uneven split, send no token through the
 expert exchange.
 
@@ -168,11 +168,17 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
 
     layer_fn = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
 
-    def hand_off(h, i):  # each stage's output to the next stage; stage 0 takes micro-batch i
-        first = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, M - 1), 0, keepdims=False)
-        return jnp.roll(h, 1, axis=0).at[0].set(first)
+    # every stage's own copy of the inputs (stage 0's is read): the hand-off and its gradient stay local
+    xs = opts.sharding.over_stages(jnp.broadcast_to(x, (S,) + x.shape))
 
-    # (no jnp.where on hidden states in the loop body: its full-size mask would be kept for every step)
+    def hand_off(h, i, j):  # at an iteration's first slot: each stage's output to the next, micro-batch i to stage 0
+        first = jax.lax.dynamic_index_in_dim(xs, jnp.minimum(i, M - 1), 1, keepdims=False)
+        handed = jnp.roll(h, 1, axis=0).at[0].set(first[0])
+        # a select on the scalar, not lax.cond: XLA:CPU may run a collective inside a conditional and one outside
+        # it in different orders on different devices (a deadlock); not jnp.where either, whose full-size mask
+        # would be kept for the backward pass of every step
+        return jax.lax.select_n(j == 0, h, handed)
+
     def step(carry, k):
         h, outs, counts, aux = carry
         i, j = k // L, k % L
@@ -180,7 +186,7 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
         # micro-batch i - S (a bubble value before i = S, overwritten then); every stage keeps its own (local),
         # the other slots write to the spare row M
         outs = jax.lax.dynamic_update_index_in_dim(outs, h, jnp.where(j == 0, jnp.maximum(i - S, 0), M), 1)
-        h = jax.lax.cond(j == 0, hand_off, lambda h, i: h, h, i)
+        h = hand_off(h, i, j)
         m = i - stage_ids  # the micro-batch each stage works on
         live = (m >= 0) & (m < M)
         mb = jax.tree.map(lambda a: a[jnp.clip(m, 0, M - 1)], fields)
@@ -229,8 +235,12 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     micro_ids = jnp.arange(Mp)
     with_head = lambda fn: lambda args: fn(adapt(_cast(head, opts.dtype), args[-1], None), *args[:-1])
 
-    # the token embeddings of every micro-batch, each stage looking up its share of the vocab
-    x = _per_micro(with_head(lambda p, ids: embed_tokens(p, ids, opts)), (padded["input_ids"], micro_ids))
+    # the token embeddings of every micro-batch (the inputs and MTP's), each stage looking up its share of the
+    # vocab. One loop for both: a loop of collectives independent of the others (MTP's lookups on their own)
+    # may run before or after them, in a different order on different devices (XLA:CPU runs independent
+    # thunks concurrently): a deadlock
+    x, embeds = _per_micro(with_head(lambda p, mb: (embed_tokens(p, mb["input_ids"], opts),
+                                                    mtp_token_embeddings(p, mb, n_mtp, opts))), (padded, micro_ids))
     if "dense" in body:
         def dense(p, args):  # the dense layers of one micro-batch
             h, mb, m = args
@@ -243,8 +253,6 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     with jax.named_scope("pipeline/stages"):
         outs, counts, aux = _run_stages(params["moe"], state["moe_bias"], x, mbs, c, opts, layout, dispatch, adapt)
     outs = opts.sharding.constrain(outs, MICRO_ACT)
-
-    embeds = _per_micro(with_head(lambda p, mb: mtp_token_embeddings(p, mb, n_mtp, opts)), (padded, micro_ids))
 
     def post(p, args):  # final norm and MTP of one micro-batch
         h, mb, e, m = args
