@@ -30,7 +30,9 @@ def token_nll(params, h, labels, opts: ModelOptions):
     # vocab-split logits are used instead
     split = sh.mesh is not None and any(sh.mesh.shape[a] > 1 for a in mesh_axes_of(dict(sh.rules)["act_vocab"]))
     if getattr(ops, "choice", {}).get("cross_entropy") != "pallas" or split:
-        logits = sh.constrain(lm_logits(params, h, opts), ("batch", "length", "act_vocab"))
+        # vocab-parallel logits: h gathered over the sequence-parallel (tensor) split first, as in Megatron,
+        # else the tensor axis would go to the tokens and the whole head be all-gathered per micro-batch
+        logits = sh.constrain(lm_logits(params, h, opts), ("batch", "length_attn", "act_vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return lse - tgt
