@@ -369,8 +369,9 @@ def collective_model(par, tokens_per_micro: int, hidden: int, num_micro: int, c=
                     forward and backward, and the embedded inputs / last-stage outputs, computed by the stages in
                     shares, replicated to every stage (an all-gather of M hidden states each, both passes).
     Under pp a device holds and runs its stage's layers only (1/pp of the layer stack's weights, gradients
-    and per-layer traffic); the rest (embedding, head, dense layers) is replicated over the stages, which
-    share its micro-batches, so its gradient is summed over `stage` too.
+    and per-layer traffic); the dense layers and MTP are replicated over the stages, which share their
+    micro-batches, so their gradient is summed over `stage` too (the embedding and head are split over `stage`
+    by vocab: their sharding says so, and their lookups' and logits' reductions are not modeled).
     `recompute` (--recompute_granularity full): the backward pass recomputes each layer's forward once, so
     the tensor and expert traffic of the forward happens twice (6 passes instead of 4), in Megatron too.
     `total` (the minimum) leaves out grad_reduce_per_micro. tokens_per_micro: rows x length of one micro-batch

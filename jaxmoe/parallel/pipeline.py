@@ -208,10 +208,14 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
     return outs[S - 1, :M].at[M - 1].set(h[S - 1]), counts, aux
 
 
-def _per_micro(fn, xs):
+def _per_micro(fn, xs, opts: ModelOptions):
     """fn over the leading (micro-batch) dim of xs, one at a time, rematerialised (the backward pass runs after
-    every micro-batch's forward: keeping each one's activations, logits!, would grow memory with M)."""
-    _, out = jax.lax.scan(lambda _, x: (None, jax.checkpoint(fn)(x)), None, xs)
+    every micro-batch's forward: keeping each one's activations, logits!, would grow memory with M).
+    On CPU the loop is unrolled: fn's vocab-parallel collectives inside a loop could run concurrently with an
+    independent collective outside it (XLA:CPU runs independent thunks at once), in a different order on
+    different devices: a deadlock. Unrolled, they are ordered with the others."""
+    _, out = jax.lax.scan(lambda _, x: (None, jax.checkpoint(fn)(x)), None, xs,
+                          unroll=(opts.platform or jax.default_backend()) == "cpu")
     return out
 
 
@@ -236,11 +240,9 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     with_head = lambda fn: lambda args: fn(adapt(_cast(head, opts.dtype), args[-1], None), *args[:-1])
 
     # the token embeddings of every micro-batch (the inputs and MTP's), each stage looking up its share of the
-    # vocab. One loop for both: a loop of collectives independent of the others (MTP's lookups on their own)
-    # may run before or after them, in a different order on different devices (XLA:CPU runs independent
-    # thunks concurrently): a deadlock
+    # vocab (one loop for both: see _per_micro)
     x, embeds = _per_micro(with_head(lambda p, mb: (embed_tokens(p, mb["input_ids"], opts),
-                                                    mtp_token_embeddings(p, mb, n_mtp, opts))), (padded, micro_ids))
+                                                    mtp_token_embeddings(p, mb, n_mtp, opts))), (padded, micro_ids), opts)
     if "dense" in body:
         def dense(p, args):  # the dense layers of one micro-batch
             h, mb, m = args
@@ -261,11 +263,13 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
                               opts, with_mtp=n_mtp > 0, dispatch=dispatch, mtp_layers=n_mtp, mtp_embeds=e)
 
     hf, extra = _over_stages(post, (outs, padded, embeds, micro_ids), S, body, opts.sharding)
-    hf, extra = opts.sharding.constrain(hf, MICRO_ACT), {k: (
-        [opts.sharding.constrain(h, MICRO_ACT) for h in v] if k == "mtp_hidden" else v) for k, v in extra.items()}
+    to_all = lambda a: opts.sharding.constrain(a, MICRO_ACT)  # every stage computes its vocab share of all
+    hf = to_all(hf)
+    if "mtp_hidden" in extra:
+        extra["mtp_hidden"] = [to_all(h) for h in extra["mtp_hidden"]]
     # the LM head and loss of every micro-batch, each stage computing the logits of its share of the vocab
     obj, stats = _per_micro(with_head(lambda p, h, ex, mb: loss_terms(p, h, ex, mb, lo, opts)),
-                            (hf, extra, padded, micro_ids))
+                            (hf, extra, padded, micro_ids), opts)
     stats = jax.tree.map(lambda a: a.sum(0), stats)
     stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)
