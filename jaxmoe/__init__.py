@@ -6,7 +6,31 @@
 
 `jaxmoe.Glm4MoeForCausalLM` is that module (jaxmoe/model/flax.py; docs/flax.md).
 """
+import os
+import re
+
 __version__ = "0.1.0"
+
+
+def _reserve_host_threads(env=os.environ) -> None:
+    """Fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, or JAX_NUM_CPU_DEVICES=N): give
+    XLA:CPU 4 threads per device. Its pools default to N threads, enough for one collective in flight, whose
+    participants block their threads until all N arrive; but XLA:CPU runs independent thunks concurrently (a
+    loop holding collectives beside another collective), and with every thread blocked in one rendezvous the
+    other's participants never start: the run aborts after 40 s ("Termination timeout for ... rendezvous").
+    Must happen before jax creates its CPU client (it reads PJRT_NPROC then). A PJRT_NPROC / NPROC of the
+    user's wins; one set here (marked, and inherited by child processes) is recomputed for this process."""
+    if env.get("PJRT_NPROC") and env.get("PJRT_NPROC") == env.get(_AUTO):
+        del env["PJRT_NPROC"], env[_AUTO]
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
+    n = env.get("JAX_NUM_CPU_DEVICES", "")
+    devices = int(found.group(1)) if found else int(n) if n.isdigit() else 0
+    if devices > 1 and not env.get("PJRT_NPROC") and not env.get("NPROC"):
+        env["PJRT_NPROC"] = env[_AUTO] = str(4 * devices)
+
+
+_AUTO = "JAXMOE_AUTO_PJRT_NPROC"
+_reserve_host_threads()
 
 
 def load_pretrained(path, dtype="float32", **kw):

@@ -30,6 +30,27 @@ _MULTIHOST_ENV = ("JAXMOE_COORDINATOR_ADDRESS", "JAXMOE_NUM_PROCESSES", "JAXMOE_
                   "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
+def test_fake_cpu_devices_get_threads_for_concurrent_collectives():
+    """XLA:CPU's default pools hold one thread per fake device: one collective in flight. jaxmoe's import gives
+    4 per device (a loop holding collectives may run beside another collective), keeps a user's PJRT_NPROC,
+    and recomputes one it set in a parent process with another device count."""
+    import jax
+    import jaxmoe
+
+    def threads(**env):
+        jaxmoe._reserve_host_threads(env)
+        return env.get("PJRT_NPROC")
+
+    flags = "--xla_force_host_platform_device_count=32 --xla_backend_optimization_level=0"
+    assert threads(XLA_FLAGS=flags) == "128"
+    assert threads(JAX_NUM_CPU_DEVICES="4") == "16"
+    assert threads(XLA_FLAGS=flags, PJRT_NPROC="32", JAXMOE_AUTO_PJRT_NPROC="32") == "128"  # inherited
+    assert threads(XLA_FLAGS=flags, PJRT_NPROC="7") == "7"
+    assert threads(XLA_FLAGS=flags, NPROC="5") is None
+    assert threads(XLA_FLAGS=xla_flags(1), PJRT_NPROC="32", JAXMOE_AUTO_PJRT_NPROC="32") is None
+    assert os.environ["PJRT_NPROC"] == str(4 * jax.device_count())  # this worker's 8 devices got theirs
+
+
 # ---- helpers shared with test_resume_mesh.py ---------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -6,9 +6,9 @@ fp32 master and Adam moments so, parallel/setup.py; LoRA's frozen base is staged
 `jax.vmap(..., spmd_axis_name="stage")` runs every stage on its own micro-batch. Iteration i of the
 M + S - 1 iterations (Lmax steps of one layer each) feeds micro-batch i to stage 0 and hands each stage's
 output to the next stage (`jnp.roll` over the stage dim: a collective permute, run at every step and used at
-each iteration's first); the last stage's output of iteration i is micro-batch i - S + 1. Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router
-statistics are masked out; they, and the empty layer slots of an uneven split, send no token through the
-expert exchange.
+each iteration's first, see hand_off); the last stage's output of iteration i is micro-batch i - S + 1.
+Stages whose micro-batch index is out of range (the bubble) run on padding tokens whose router statistics are
+masked out; they, and the empty layer slots of an uneven split, send no token through the expert exchange.
 
 Work that is not part of the layer stack is spread over the stages instead of being pinned to the first /
 last stage: the embedding and LM head are split over the stages by vocabulary (each stage looks up, and
@@ -174,9 +174,10 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
     def hand_off(h, i, j):  # at an iteration's first slot: each stage's output to the next, micro-batch i to stage 0
         first = jax.lax.dynamic_index_in_dim(xs, jnp.minimum(i, M - 1), 1, keepdims=False)
         handed = jnp.roll(h, 1, axis=0).at[0].set(first[0])
-        # a select on the scalar, not lax.cond: XLA:CPU may run a collective inside a conditional and one outside
-        # it in different orders on different devices (a deadlock); not jnp.where either, whose full-size mask
-        # would be kept for the backward pass of every step
+        # a select on the scalar, permuting at every step: not lax.cond, as XLA:CPU does not order a
+        # conditional's collectives with the others (devices ran them in different orders: a deadlock), and on
+        # GPU the partitioner all-gathered xs over the stages inside the conditional (Air pp 4: 142 GB a step);
+        # not jnp.where either, whose full-size mask would be kept for the backward pass of every step
         return jax.lax.select_n(j == 0, h, handed)
 
     def step(carry, k):
@@ -208,14 +209,10 @@ def _run_stages(stacks, bias, x, mbs: dict, c: ModelConfig, opts: ModelOptions, 
     return outs[S - 1, :M].at[M - 1].set(h[S - 1]), counts, aux
 
 
-def _per_micro(fn, xs, opts: ModelOptions):
+def _per_micro(fn, xs):
     """fn over the leading (micro-batch) dim of xs, one at a time, rematerialised (the backward pass runs after
-    every micro-batch's forward: keeping each one's activations, logits!, would grow memory with M).
-    On CPU the loop is unrolled: fn's vocab-parallel collectives inside a loop could run concurrently with an
-    independent collective outside it (XLA:CPU runs independent thunks at once), in a different order on
-    different devices: a deadlock. Unrolled, they are ordered with the others."""
-    _, out = jax.lax.scan(lambda _, x: (None, jax.checkpoint(fn)(x)), None, xs,
-                          unroll=(opts.platform or jax.default_backend()) == "cpu")
+    every micro-batch's forward: keeping each one's activations, logits!, would grow memory with M)."""
+    _, out = jax.lax.scan(lambda _, x: (None, jax.checkpoint(fn)(x)), None, xs)
     return out
 
 
@@ -239,10 +236,10 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
     micro_ids = jnp.arange(Mp)
     with_head = lambda fn: lambda args: fn(adapt(_cast(head, opts.dtype), args[-1], None), *args[:-1])
 
-    # the token embeddings of every micro-batch (the inputs and MTP's), each stage looking up its share of the
-    # vocab (one loop for both: see _per_micro)
+    # the token embeddings of every micro-batch (the inputs and MTP's, in one loop), each stage looking up its
+    # share of the vocab
     x, embeds = _per_micro(with_head(lambda p, mb: (embed_tokens(p, mb["input_ids"], opts),
-                                                    mtp_token_embeddings(p, mb, n_mtp, opts))), (padded, micro_ids), opts)
+                                                    mtp_token_embeddings(p, mb, n_mtp, opts))), (padded, micro_ids))
     if "dense" in body:
         def dense(p, args):  # the dense layers of one micro-batch
             h, mb, m = args
@@ -269,7 +266,7 @@ def pipeline_loss(params, state, mbs: dict, c: ModelConfig, lo, opts: ModelOptio
         extra["mtp_hidden"] = [to_all(h) for h in extra["mtp_hidden"]]
     # the LM head and loss of every micro-batch, each stage computing the logits of its share of the vocab
     obj, stats = _per_micro(with_head(lambda p, h, ex, mb: loss_terms(p, h, ex, mb, lo, opts)),
-                            (hf, extra, padded, micro_ids), opts)
+                            (hf, extra, padded, micro_ids))
     stats = jax.tree.map(lambda a: a.sum(0), stats)
     stats.update({k: stats.get(k, 0) + v for k, v in aux.items()})
     stats["moe_counts"] = layout.from_stages(counts)
