@@ -10,6 +10,7 @@ import os
 import re
 
 __version__ = "0.1.0"
+_AUTO = "JAXMOE_AUTO_PJRT_NPROC"  # marks a PJRT_NPROC that jaxmoe set (not the user)
 
 
 def _reserve_host_threads(env=os.environ) -> None:
@@ -29,7 +30,6 @@ def _reserve_host_threads(env=os.environ) -> None:
         env["PJRT_NPROC"] = env[_AUTO] = str(4 * devices)
 
 
-_AUTO = "JAXMOE_AUTO_PJRT_NPROC"
 _reserve_host_threads()
 
 

@@ -207,9 +207,10 @@ def validate_layout(spec: MeshSpec, c: ModelConfig, global_batch: int, micro_bat
                         "to a multiple of tp, as Megatron's --make_vocab_size_divisible_by does)")
     if spec.stage > 1 and c.vocab_size % (tp * spec.stage):
         good = [n for n in range(2, 17) if c.vocab_size % (tp * n) == 0]
+        use = f"use pp in {good} (with tp={tp}), or pad" if good else "pad"
         raise MeshError(f"--mesh pp={spec.stage}: vocab_size {c.vocab_size} is not divisible by tp x pp = "
                         f"{tp * spec.stage}: the pipeline splits the embedding and LM head over the stages (and tp) "
-                        f"by vocabulary; use pp in {good} (with tp={tp}), or pad the vocabulary")
+                        f"by vocabulary; {use} the vocabulary")
     for name, size in (("intermediate_size", c.intermediate_size), ("moe_intermediate_size", c.shared_intermediate_size)):
         if size % tp:
             raise MeshError(f"--mesh tp={tp}: {name} {size} is not divisible by tp")
